@@ -1,0 +1,69 @@
+"""Checkpoints that carry their preset and preprocessing, written atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .networks import NetworkConfig, PaperAttentionUNet, build_network
+from .presets import Recipe
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """Write then rename, so a reader never sees a half-written file (same directory, same fs)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def make_checkpoint(model: PaperAttentionUNet, recipe: Recipe, preset: str, **extra) -> dict:
+    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    return {
+        "format": "busi-monai/1",
+        "busi_monai_version": __version__,
+        "preset": preset,
+        "network": _unwrap(model).config.to_dict(),
+        "recipe": recipe.to_dict(),
+        "preprocessing": {"image_size": recipe.image_size, "intensity": "minmax_0_1", "resize_mode": "bilinear"},
+        "threshold": recipe.threshold,
+        "state_dict": state,
+        **extra,
+    }
+
+
+def _unwrap(model):
+    return getattr(model, "_orig_mod", model)
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such model file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable model checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "network" not in ckpt:
+        raise CheckpointError(f"{path}: not a busi-monai checkpoint (no network config or weights)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, device="cpu") -> PaperAttentionUNet:
+    net = build_network(NetworkConfig.from_dict(ckpt["network"]))
+    net.load_state_dict(ckpt["state_dict"])
+    return net.to(device).eval()

@@ -1,0 +1,194 @@
+"""The ``busi-monai`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .presets import PRESETS
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_prepare(a):
+    from .data import prepare
+
+    summary = prepare(a.busi_root, a.out, test_fraction=a.test_fraction, seed=a.seed)
+    _print_json({k: v for k, v in summary.items() if k != "problems"})
+    for p in summary.get("problems", []):
+        print(f"warning: {p}", file=sys.stderr)
+
+
+def cmd_synth(a):
+    from .synth import synthesize
+
+    _print_json(synthesize(a.out, a.count, seed=a.seed))
+
+
+def cmd_studies(a):
+    from .data import make_studies
+
+    _print_json(make_studies(a.busi_root, a.out, with_labels=a.with_labels))
+
+
+def cmd_pack(a):
+    from .training import cache_items, load_datalist, save_pack
+
+    lists = load_datalist(a.data)
+    items = [dict(it, split=s) for s in ("training", "test") for it in lists[s]]
+    save_pack(cache_items(items, a.image_size), a.out)
+    print(f"wrote {a.out} ({len(items)} images at {a.image_size}px)")
+
+
+def cmd_train(a):
+    from .training import train_dataset
+
+    summary = train_dataset(
+        a.data, a.out, preset=a.preset, epochs=a.epochs, batch_size=a.batch_size, image_size=a.image_size,
+        learning_rate=a.learning_rate, device=a.device, resume=a.resume, seed=a.seed, compile_model=a.compile,
+    )
+    _print_json(summary)
+
+
+def cmd_evaluate(a):
+    from .evaluation import evaluate
+
+    res = evaluate(a.model, a.data, a.out, split=a.split, device=a.device)
+    _print_json({k: v for k, v in res.items() if k != "per_image"})
+
+
+def cmd_infer(a):
+    from .inference import Predictor
+    from .io import read_image, write_array, write_mask
+
+    pred = Predictor(a.model, device=a.device)
+    out = Path(a.out)
+    images = [read_image(p) for p in a.images]
+    for im, p in zip(images, pred.predict(images)):
+        stem = Path(im.path).name
+        for ext in (".nii.gz", ".seg.nrrd", ".nrrd", ".png", ".jpg", ".jpeg", ".dcm", ".nii", ".mha"):
+            if stem.lower().endswith(ext):
+                stem = stem[: -len(ext)]
+                break
+        ext = a.format if a.format != "same" else _same_format(im.path)
+        path = write_mask(p.raw_mask if a.raw else p.mask, out / f"{stem}_mask{ext}", like=im)
+        if a.probability:
+            write_array(p.probability, out / f"{stem}_prob.nii.gz", like=im)
+        print(path)
+
+
+def _same_format(path: str) -> str:
+    from .io import suffix_of
+
+    ext = suffix_of(path)
+    return ext if ext in (".png", ".nii.gz", ".nii", ".nrrd", ".mha") else ".nii.gz"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="busi-monai", description="Breast-lesion segmentation in ultrasound (MONAI).")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    presets = list(PRESETS)
+
+    s = sub.add_parser("prepare", help="BUSI folder -> NIfTI dataset, duplicate groups and a leak-free split")
+    s.add_argument("--busi-root", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--test-fraction", type=float, default=0.2)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("synth", help="synthetic B-mode-like images in the BUSI layout")
+    s.add_argument("--out", required=True)
+    s.add_argument("--count", type=int, default=40)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("studies", help="lay BUSI (or synthetic, or prepared) data out as a MONAI Label studies folder")
+    s.add_argument("--busi-root", required=True, help="BUSI-layout folder or prepared dataset")
+    s.add_argument("--out", required=True)
+    s.add_argument("--with-labels", action="store_true", help="store the known masks as final labels")
+    s.set_defaults(func=cmd_studies)
+
+    s = sub.add_parser("pack", help="a compact 8-bit copy of a prepared dataset at network size (.npz)")
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--image-size", type=int, default=256)
+    s.set_defaults(func=cmd_pack)
+
+    s = sub.add_parser("train", help="train a preset on a prepared dataset")
+    s.add_argument("--data", required=True, help="prepared dataset dir (dataset.json) or a pack .npz")
+    s.add_argument("--preset", choices=presets, default="paper")
+    s.add_argument("--out", required=True)
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--image-size", type=int)
+    s.add_argument("--learning-rate", type=float)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--resume", action="store_true", help="continue RUN/last.pt")
+    s.add_argument("--compile", action="store_true", help="torch.compile the network")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("evaluate", help="metrics of a model on a prepared test split or a raw BUSI folder")
+    s.add_argument("--model", required=True, nargs="+")
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", default="metrics.json")
+    s.add_argument("--split", default="test")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("infer", help="lesion masks for images, in each image's own size and geometry")
+    s.add_argument("--model", required=True, nargs="+", help="checkpoint(s) or a cross-validation dir")
+    s.add_argument("--out", required=True)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--format", default="same", help="output extension (.png, .nii.gz, .nrrd) or 'same' as input")
+    s.add_argument("--raw", action="store_true", help="write the raw thresholded mask, not the processed one")
+    s.add_argument("--probability", action="store_true", help="also write the probability map")
+    s.add_argument("images", nargs="+")
+    s.set_defaults(func=cmd_infer)
+
+    _register_optional(sub)
+    return p
+
+
+def _register_optional(sub) -> None:
+    """Subcommands that live in their own modules (explain, report, bundle, benchmark, cv, ...)."""
+    import importlib
+
+    for mod in ("explain", "bundle", "benchmark", "crossval", "active"):
+        try:
+            m = importlib.import_module(f"busi_monai.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"busi_monai.{mod}":
+                raise
+            continue
+        m.register_cli(sub)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .checkpoint import CheckpointError
+    from .io import BusiInputError
+    from .training import TrainingError
+
+    try:
+        args.func(args)
+    except (BusiInputError, CheckpointError, TrainingError, FileNotFoundError, ValueError) as e:
+        if args.verbose:
+            raise
+        print(f"busi-monai {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"busi-monai {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

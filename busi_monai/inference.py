@@ -1,0 +1,123 @@
+"""Inference: images in, lesion probability, raw mask and processed mask out, at each image's size.
+
+:class:`Predictor` keeps the model(s) loaded, batches images, can average an ensemble of
+checkpoints (cross-validation folds) and test-time flips, and runs Monte Carlo dropout for
+active learning. The CLI, the MONAI Label app and evaluation all use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .io import Image2D, read_image
+from .transforms import preprocess_array, processed_mask, restore_size
+from .training import resolve_device
+
+
+@dataclass
+class Prediction:
+    probability: np.ndarray  # (H, W) float32 in [0, 1]
+    raw_mask: np.ndarray  # (H, W) uint8, probability > threshold
+    mask: np.ndarray  # (H, W) uint8, the processed mask (default output)
+
+
+class Predictor:
+    def __init__(
+        self,
+        model: str | Path | list[str | Path],
+        device: str = "auto",
+        tta: bool | None = None,
+        amp: bool | None = None,
+        batch_size: int = 16,
+        postprocess: dict | None = None,
+    ):
+        paths = [model] if isinstance(model, (str, Path)) else list(model)
+        paths = _expand_ensemble(paths)
+        self.device = resolve_device(device)
+        self.checkpoints = [load_checkpoint(p) for p in paths]
+        first = self.checkpoints[0]
+        self.paths = [str(p) for p in paths]
+        self.image_size = int(first["preprocessing"]["image_size"])
+        for p, ck in zip(paths, self.checkpoints):
+            if int(ck["preprocessing"]["image_size"]) != self.image_size:
+                raise ValueError(f"{p}: ensemble members need the same image size")
+        self.threshold = float(first.get("threshold", 0.5))
+        self.preset = first.get("preset")
+        self.tta = bool(first.get("recipe", {}).get("tta", False)) if tta is None else tta
+        self.amp = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()) if amp is None else amp
+        self.batch_size = batch_size
+        self.postprocess = postprocess or {}
+        self.models = [model_from_checkpoint(ck, self.device) for ck in self.checkpoints]
+
+    @property
+    def network(self):
+        return self.models[0]
+
+    def preprocess(self, image: Image2D | np.ndarray) -> torch.Tensor:
+        arr = image.array if isinstance(image, Image2D) else np.asarray(image, np.float32)
+        return preprocess_array(arr, self.image_size)
+
+    def _forward(self, x: torch.Tensor, mc_dropout: bool = False) -> torch.Tensor:
+        """Mean sigmoid over ensemble members (and flips with TTA) of a (B, 1, S, S) batch."""
+        probs = []
+        views = [(False,), (True,)] if self.tta else [(False,)]
+        for net in self.models:
+            _set_dropout(net, mc_dropout)
+            for (flip,) in views:
+                xi = torch.flip(x, dims=(-1,)) if flip else x
+                with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    y = torch.sigmoid(net(xi).float())
+                probs.append(torch.flip(y, dims=(-1,)) if flip else y)
+            _set_dropout(net, False)
+        return torch.stack(probs).mean(0)
+
+    @torch.no_grad()
+    def predict_small(self, images: list[Image2D | np.ndarray], mc_dropout: bool = False) -> torch.Tensor:
+        """Probabilities at network resolution, (N, 1, S, S), on the CPU."""
+        batch = torch.stack([self.preprocess(im) for im in images])
+        outs = []
+        for i in range(0, len(batch), self.batch_size):
+            outs.append(self._forward(batch[i : i + self.batch_size].to(self.device), mc_dropout).cpu())
+        return torch.cat(outs)
+
+    def predict(self, images: list[Image2D | np.ndarray | str | Path]) -> list[Prediction]:
+        loaded = [read_image(im) if isinstance(im, (str, Path)) else im for im in images]
+        small = self.predict_small(loaded)
+        out = []
+        for im, p in zip(loaded, small):
+            shape = im.shape if isinstance(im, Image2D) else np.asarray(im).shape
+            prob = restore_size(p, shape)[0].numpy().astype(np.float32)
+            raw = (prob > self.threshold).astype(np.uint8)
+            out.append(Prediction(prob, raw, processed_mask(raw, **self.postprocess)))
+        return out
+
+    @torch.no_grad()
+    def mc_dropout(self, images: list[Image2D | np.ndarray], passes: int = 8) -> torch.Tensor:
+        """``passes`` stochastic probability maps per image, (passes, N, 1, S, S)."""
+        return torch.stack([self.predict_small(images, mc_dropout=True) for _ in range(passes)])
+
+
+def _set_dropout(net: torch.nn.Module, active: bool) -> None:
+    """Dropout on (Monte Carlo) with batch norm left in eval mode."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.train(active)
+
+
+def _expand_ensemble(paths: list[str | Path]) -> list[Path]:
+    """A directory of cross-validation folds (``fold*/model.pt``) stands for its members."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            members = sorted(p.glob("fold*/model.pt")) or ([p / "model.pt"] if (p / "model.pt").is_file() else [])
+            if not members:
+                raise FileNotFoundError(f"{p}: no model.pt and no fold*/model.pt inside")
+            out.extend(members)
+        else:
+            out.append(p)
+    return out

@@ -1,0 +1,234 @@
+"""Reading 2D ultrasound images and writing masks with the image's own geometry.
+
+Arrays are row-major ``(rows, cols)`` = ``(H, W)``, as ITK's array view and PIL give them,
+so a PNG and the NIfTI written from it load identically. Geometry (spacing, origin,
+direction) follows ITK (LPS), which is what 3D Slicer reads, so a mask written with
+:func:`write_mask` overlays its image exactly in Slicer.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+PNG_LIKE = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+ITK_LIKE = (".nii", ".nii.gz", ".nrrd", ".seg.nrrd", ".nhdr", ".mha", ".mhd", ".dcm", "")
+SUPPORTED = PNG_LIKE + ITK_LIKE
+
+# Large enough for any ultrasound frame, small enough to stop a decompression bomb.
+DEFAULT_MAX_PIXELS = int(os.environ.get("BUSI_MAX_PIXELS", 4096 * 4096))
+
+
+class BusiInputError(ValueError):
+    """Bad input: the message names the file and the problem."""
+
+
+@dataclass
+class Image2D:
+    array: np.ndarray  # (H, W) float32
+    spacing: tuple[float, float] = (1.0, 1.0)  # (x, y) as ITK
+    origin: tuple[float, float] = (0.0, 0.0)
+    direction: np.ndarray = field(default_factory=lambda: np.eye(2))
+    path: str = ""
+    # Extra leading geometry of a single-slice 3D volume (Slicer writes labels that way).
+    volume3d: dict | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+
+def suffix_of(path: str | Path) -> str:
+    name = str(path).lower()
+    for ext in (".seg.nrrd", ".nii.gz"):
+        if name.endswith(ext):
+            return ext
+    return Path(name).suffix
+
+
+def _pil_to_gray(img, path) -> np.ndarray:
+    """Any PIL mode to a float32 (H, W) array on the file's own intensity scale."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+    elif mode == "1":
+        arr = np.asarray(img, dtype=np.float32) * 255.0
+    elif mode in ("L", "P", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "PA"):
+        if mode in ("P", "PA"):
+            img = img.convert("RGBA")
+            mode = "RGBA"
+        arr = np.asarray(img, dtype=np.float32)
+        if arr.ndim == 3:
+            # Alpha is transparency, not intensity; RGB overlays (Doppler, calipers) become luminance.
+            colour = arr[..., :3] if arr.shape[-1] >= 3 else arr[..., :1]
+            if colour.shape[-1] == 3 and not (
+                np.array_equal(colour[..., 0], colour[..., 1]) and np.array_equal(colour[..., 1], colour[..., 2])
+            ):
+                arr = colour @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+            else:
+                arr = colour[..., 0]
+    else:
+        raise BusiInputError(f"{path}: unsupported PNG/JPEG mode {mode!r}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _read_pil(path: str, max_pixels: int) -> Image2D:
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BusiInputError(f"{path}: image of {w}x{h} pixels is above the limit of {max_pixels} pixels")
+            img.load()
+            arr = _pil_to_gray(img, path)
+    except BusiInputError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise BusiInputError(f"{path}: not a readable image ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BusiInputError(f"{path}: corrupt or truncated image ({e})") from None
+    return Image2D(arr, path=str(path))
+
+
+def _read_itk(path: str, max_pixels: int) -> Image2D:
+    import itk
+
+    try:
+        img = itk.imread(str(path))
+    except Exception as e:  # ITK raises RuntimeError with a long C++ trace
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BusiInputError(f"{path}: not a readable image ({first[:200]})") from None
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        arr = itk.array_from_image(img).astype(np.float32)
+        arr = arr[..., :3].mean(axis=-1) if arr.shape[-1] >= 3 else arr[..., 0]
+    else:
+        arr = itk.array_from_image(img).astype(np.float32)
+    spacing = np.asarray(img.GetSpacing(), dtype=float)
+    origin = np.asarray(img.GetOrigin(), dtype=float)
+    direction = np.asarray(itk.array_from_matrix(img.GetDirection()), dtype=float)
+    volume3d = None
+    if arr.ndim == 3:
+        # ITK array order is (z, y, x): a 2D image saved as a volume has one slice somewhere.
+        if arr.shape[0] == 1:
+            volume3d = {"spacing": spacing.tolist(), "origin": origin.tolist(), "direction": direction.tolist()}
+            arr = arr[0]
+            spacing, origin, direction = spacing[:2], origin[:2], direction[:2, :2]
+        else:
+            raise BusiInputError(
+                f"{path}: a volume with {arr.shape[0]} slices; busi-monai segments single 2D ultrasound images"
+            )
+    elif arr.ndim != 2:
+        raise BusiInputError(f"{path}: expected a 2D image, got an array of shape {arr.shape}")
+    if arr.size > max_pixels:
+        raise BusiInputError(f"{path}: image of {arr.shape[1]}x{arr.shape[0]} pixels is above the limit")
+    if not np.all(np.isfinite(arr)):
+        raise BusiInputError(f"{path}: image contains NaN or infinite values")
+    return Image2D(
+        np.ascontiguousarray(arr, dtype=np.float32),
+        spacing=tuple(spacing.tolist()),
+        origin=tuple(origin.tolist()),
+        direction=direction,
+        path=str(path),
+        volume3d=volume3d,
+    )
+
+
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image2D:
+    """Read a 2D image (PNG, JPEG, BMP, TIFF, NIfTI, NRRD, MHA, DICOM) as float32 (H, W).
+
+    Raises :class:`BusiInputError` naming the file for anything that is not one 2D image.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise BusiInputError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise BusiInputError(f"{path}: empty file")
+    ext = suffix_of(path)
+    if ext in PNG_LIKE:
+        img = _read_pil(path, max_pixels)
+    elif ext in ITK_LIKE:
+        img = _read_itk(path, max_pixels)
+    else:
+        raise BusiInputError(f"{path}: unsupported file type {ext!r} (expected one of {', '.join(SUPPORTED[:-1])})")
+    if min(img.array.shape) < 8:
+        raise BusiInputError(f"{path}: image of shape {img.array.shape} is too small to segment")
+    return img
+
+
+def read_mask(path: str | Path, expected_shape: tuple[int, int] | None = None, strict_binary: bool = False) -> np.ndarray:
+    """Read a label as a {0, 1} uint8 (H, W) array; any non-zero value is lesion unless ``strict_binary``."""
+    img = read_image(path)
+    arr = img.array
+    if expected_shape is not None and tuple(arr.shape) != tuple(expected_shape):
+        raise BusiInputError(f"{path}: mask of shape {arr.shape} does not match its image of shape {tuple(expected_shape)}")
+    if strict_binary:
+        values = np.unique(arr)
+        if not set(values.tolist()) <= {0.0, 1.0}:
+            shown = ", ".join(f"{v:g}" for v in values[:6])
+            raise BusiInputError(f"{path}: label values must be 0 and 1, found {shown}")
+    return (arr > 0).astype(np.uint8)
+
+
+def _atomic_target(path: str) -> str:
+    """A temporary name beside ``path`` with the same extension, for write-then-rename."""
+    d = os.path.dirname(os.path.abspath(path)) or "."
+    ext = suffix_of(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=ext, dir=d)
+    os.close(fd)
+    return tmp
+
+
+def write_array(array: np.ndarray, path: str | Path, like: Image2D | None = None) -> str:
+    """Write a 2D array atomically with ``like``'s geometry; the extension picks the format.
+
+    PNG/JPEG get the array as is (uint8 masks are scaled to 0/255 for PNG viewers unless float).
+    Single-slice volumes keep their 3D geometry so Slicer overlays the result on the source.
+    """
+    import itk
+
+    path = str(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = _atomic_target(path)
+    try:
+        ext = suffix_of(path)
+        if ext in PNG_LIKE:
+            from PIL import Image
+
+            arr = np.asarray(array)
+            if arr.dtype == np.uint8 and arr.max(initial=0) <= 1:
+                arr = arr * 255
+            elif arr.dtype != np.uint8:
+                arr = np.clip(arr, 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(tmp, format="PNG" if ext == ".png" else None)
+        else:
+            arr = np.ascontiguousarray(array)
+            if like is not None and like.volume3d is not None:
+                img = itk.image_from_array(arr[None])
+                img.SetSpacing(like.volume3d["spacing"])
+                img.SetOrigin(like.volume3d["origin"])
+                img.SetDirection(itk.matrix_from_array(np.asarray(like.volume3d["direction"], dtype=float)))
+            else:
+                img = itk.image_from_array(arr)
+                if like is not None:
+                    img.SetSpacing([float(s) for s in like.spacing])
+                    img.SetOrigin([float(o) for o in like.origin])
+                    img.SetDirection(itk.matrix_from_array(np.asarray(like.direction, dtype=float)))
+            itk.imwrite(img, tmp, compression=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_mask(mask: np.ndarray, path: str | Path, like: Image2D | None = None) -> str:
+    """Write a {0, 1} mask (uint8) with the geometry of the image it came from."""
+    if like is not None and tuple(mask.shape) != like.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from image shape {like.shape}")
+    return write_array(np.asarray(mask, dtype=np.uint8), path, like)

@@ -1,0 +1,55 @@
+"""Training recipes. One place that the CLI, the MONAI Label app and the bundle read."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+
+@dataclass(frozen=True)
+class Recipe:
+    network: str  # key of networks.NETWORKS
+    image_size: int = 256
+    epochs: int = 50
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    # Paper: "a learning rate decay strategy". We decay exponentially per epoch so the
+    # rate falls ~13x over 50 epochs; `cosine` for longer schedules.
+    lr_schedule: str = "exponential"
+    lr_decay: float = 0.95
+    weight_decay: float = 0.0
+    loss: str = "bce"  # "bce" (paper) or "dice_bce"
+    augment: str = "none"  # "none" (paper) or "ultrasound"
+    val_fraction: float = 0.1  # carved, by duplicate group, from the training split
+    threshold: float = 0.5
+    tta: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_overrides(self, **kw) -> "Recipe":
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+PRESETS: dict[str, Recipe] = {
+    # Exactly the paper: BCE, Adam 1e-3 with decay, batch 4, 50 epochs, 256x256, no augmentation.
+    "paper": Recipe(network="paper"),
+    # The paper's recipe on the reduced-width network, for CPU work and tests.
+    "fast": Recipe(network="fast"),
+    # Overlap loss, ultrasound augmentation, longer cosine schedule, deep supervision, TTA.
+    "best": Recipe(
+        network="best",
+        epochs=120,
+        batch_size=8,
+        lr_schedule="cosine",
+        weight_decay=1e-4,
+        loss="dice_bce",
+        augment="ultrasound",
+        tta=True,
+    ),
+}
+
+
+def get_recipe(preset: str) -> Recipe:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[preset]

@@ -1,0 +1,370 @@
+"""Training with the paper's recipe (or another preset) on MONAI datalists.
+
+The preprocessed 256x256 data is cached once in memory (on the GPU when there is one) and
+batches are drawn from that tensor, so no PNG is decoded twice. The same :func:`fit` serves the
+CLI, the MONAI Label trainer and cross-validation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import CacheDataset
+from monai.losses import DeepSupervisionLoss, DiceCELoss
+from monai.transforms import Compose
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
+from .networks import build_network
+from .presets import Recipe, get_recipe
+from .transforms import LoadBusiImaged, augmentation_transforms, preprocess_transforms
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """A training that cannot run (no labels, bad data); the message says why."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for but no CUDA GPU is available")
+    return torch.device(device)
+
+
+def load_datalist(data_dir: str | Path) -> dict[str, list[dict]]:
+    """``dataset.json`` of a prepared dataset, with absolute paths."""
+    data_dir = Path(data_dir)
+    path = data_dir / "dataset.json"
+    if not path.is_file():
+        raise TrainingError(f"{data_dir}: not a prepared dataset (no dataset.json); run `busi-monai prepare` first")
+    spec = json.loads(path.read_text())
+    out = {}
+    for split in ("training", "test"):
+        items = []
+        for it in spec.get(split, []):
+            it = dict(it)
+            for k in ("image", "label"):
+                if k in it and not os.path.isabs(it[k]):
+                    it[k] = str(data_dir / it[k])
+            it.setdefault("id", Path(it["image"]).name.split(".")[0])
+            items.append(it)
+        out[split] = items
+    return out
+
+
+def split_validation(items: list[dict], fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Hold out ``fraction`` of the items, whole duplicate groups at a time, per class."""
+    if fraction <= 0 or len(items) < 2:
+        return list(items), []
+    rng = random.Random(seed)
+    by_class: dict[str, dict] = {}
+    for i, it in enumerate(items):
+        by_class.setdefault(it.get("class", "?"), {}).setdefault(it.get("group", f"i{i}"), []).append(i)
+    val_idx: set[int] = set()
+    for groups in by_class.values():
+        keys = sorted(groups, key=str)
+        rng.shuffle(keys)
+        target = fraction * sum(len(v) for v in groups.values())
+        taken = 0
+        for k in keys:
+            if taken >= target - 0.5:
+                break
+            val_idx.update(groups[k])
+            taken += len(groups[k])
+    if not val_idx:
+        val_idx = {len(items) - 1}
+    if len(val_idx) == len(items):
+        val_idx.discard(0)
+    return [it for i, it in enumerate(items) if i not in val_idx], [it for i, it in enumerate(items) if i in val_idx]
+
+
+@dataclass
+class CachedData:
+    images: torch.Tensor  # (N, 1, S, S) float32 in [0, 1]
+    labels: torch.Tensor  # (N, 1, S, S) float32 {0, 1}
+    items: list[dict]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def to(self, device) -> "CachedData":
+        return CachedData(self.images.to(device), self.labels.to(device), self.items)
+
+
+def cache_items(items: list[dict], image_size: int, progress: bool = True, num_workers: int = 0) -> CachedData:
+    """Decode and preprocess each item once with MONAI's CacheDataset."""
+    if not items:
+        return CachedData(torch.zeros(0, 1, image_size, image_size), torch.zeros(0, 1, image_size, image_size), [])
+    tf = Compose([LoadBusiImaged(("image", "label")), preprocess_transforms(image_size)])
+    ds = CacheDataset(items, transform=tf, cache_rate=1.0, num_workers=num_workers or None, progress=progress)
+    images = torch.stack([torch.as_tensor(ds[i]["image"]) for i in range(len(ds))]).float()
+    labels = torch.stack([torch.as_tensor(ds[i]["label"]) for i in range(len(ds))]).float()
+    return CachedData(images, labels, list(items))
+
+
+def save_pack(data: CachedData, path: str | Path) -> None:
+    """A compact 8-bit copy (e.g. to carry the preprocessed set to a GPU machine)."""
+    meta = [{k: v for k, v in it.items() if k not in ("image", "label")} for it in data.items]
+    np.savez_compressed(
+        path,
+        images=np.round(data.images.numpy() * 255).astype(np.uint8),
+        labels=np.packbits(data.labels.numpy().astype(bool), axis=-1),
+        size=data.images.shape[-1],
+        meta=json.dumps(meta),
+    )
+
+
+def load_pack(path: str | Path) -> CachedData:
+    z = np.load(path)
+    size = int(z["size"])
+    images = torch.from_numpy(z["images"].astype(np.float32) / 255.0)
+    labels = torch.from_numpy(np.unpackbits(z["labels"], axis=-1)[..., :size].astype(np.float32))
+    return CachedData(images, labels, json.loads(str(z["meta"])))
+
+
+def make_loss(recipe: Recipe, deep_supervision: bool):
+    if recipe.loss == "bce":
+        loss = torch.nn.BCEWithLogitsLoss()
+    elif recipe.loss == "dice_bce":
+        loss = DiceCELoss(sigmoid=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=False)
+    else:
+        raise ValueError(f"unknown loss {recipe.loss!r}")
+    return DeepSupervisionLoss(loss, weight_mode="exp") if deep_supervision else loss
+
+
+def make_scheduler(recipe: Recipe, optimizer, epochs: int):
+    if recipe.lr_schedule == "exponential":
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=recipe.lr_decay)
+    if recipe.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs), eta_min=recipe.learning_rate * 0.01)
+    raise ValueError(f"unknown lr schedule {recipe.lr_schedule!r}")
+
+
+def augment_batch(images: torch.Tensor, labels: torch.Tensor, aug) -> tuple[torch.Tensor, torch.Tensor]:
+    if aug is None:
+        return images, labels
+    out_i, out_l = [], []
+    for i in range(images.shape[0]):
+        d = aug({"image": images[i], "label": labels[i]})
+        out_i.append(torch.as_tensor(d["image"]))
+        out_l.append((torch.as_tensor(d["label"]) > 0.5).float())
+    return torch.stack(out_i).clamp_(0, 1), torch.stack(out_l)
+
+
+@torch.no_grad()
+def predict_cached(model, images: torch.Tensor, batch_size: int = 16, amp: bool = False) -> torch.Tensor:
+    """Sigmoid probabilities of cached (N, 1, S, S) images."""
+    model.eval()
+    outs = []
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i : i + batch_size]
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+            y = model(x)
+        outs.append(torch.sigmoid(y.float()))
+    return torch.cat(outs) if outs else images.new_zeros(images.shape)
+
+
+def quick_scores(prob: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> dict:
+    """Validation numbers at training resolution: mean lesion Dice and normal false positives."""
+    pred = (prob > threshold).float()
+    inter = (pred * labels).flatten(1).sum(1)
+    denom = pred.flatten(1).sum(1) + labels.flatten(1).sum(1)
+    has = labels.flatten(1).sum(1) > 0
+    dice = (2 * inter / denom.clamp(min=1))[has]
+    normal_fp = (pred.flatten(1).sum(1) > 0)[~has]
+    return {
+        "val_dice": float(dice.mean()) if dice.numel() else float("nan"),
+        "val_normal_fp": float(normal_fp.float().mean()) if normal_fp.numel() else float("nan"),
+    }
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def fit(
+    train: CachedData,
+    val: CachedData,
+    out: str | Path,
+    preset: str = "paper",
+    recipe: Recipe | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    init_checkpoint: str | Path | None = None,
+    progress: bool = True,
+    seed: int = 0,
+    on_epoch: Callable[[dict], None] | None = None,
+    compile_model: bool = False,
+) -> dict:
+    """Train and write ``out/model.pt`` (best validation Dice), ``out/last.pt``, ``out/history.json``.
+
+    ``init_checkpoint`` starts from earlier weights (as MONAI Label retraining does);
+    ``resume`` continues ``out/last.pt`` where it stopped. Returns the final summary.
+    """
+    recipe = recipe or get_recipe(preset)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if len(train) == 0:
+        raise TrainingError("no labelled images to train on")
+    dev = resolve_device(device)
+    _seed_everything(seed)
+    model = build_network(recipe.network).to(dev)
+    deep = model.config.deep_supervision
+    amp = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    scheduler = make_scheduler(recipe, optimizer, recipe.epochs)
+    loss_fn = make_loss(recipe, deep)
+    aug = augmentation_transforms(recipe.augment)
+
+    history: list[dict] = []
+    start_epoch, best = 0, -1.0
+    last_path, best_path = out / "last.pt", out / "model.pt"
+    if resume and last_path.is_file():
+        ck = load_checkpoint(last_path)
+        model.load_state_dict(ck["state_dict"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        start_epoch, best, history = ck["epoch"] + 1, ck.get("best_val_dice", -1.0), ck.get("history", [])
+        log.info("resuming %s at epoch %d", last_path, start_epoch + 1)
+    elif init_checkpoint and Path(init_checkpoint).is_file():
+        ck = load_checkpoint(init_checkpoint)
+        try:
+            model.load_state_dict(ck["state_dict"])
+            log.info("starting from the weights of %s", init_checkpoint)
+        except RuntimeError:
+            log.warning("%s has another architecture; training from scratch", init_checkpoint)
+
+    train_d, val_d = train.to(dev), val.to(dev)
+    fwd_model = torch.compile(model) if compile_model else model
+    writer = _tensorboard(out / "tensorboard")
+    n = len(train_d)
+    steps = math.ceil(n / recipe.batch_size)
+    g = torch.Generator().manual_seed(seed + start_epoch)
+    bar = tqdm(range(start_epoch, recipe.epochs), desc="train", unit="epoch", disable=not progress, initial=start_epoch, total=recipe.epochs)
+    t0 = time.time()
+    for epoch in bar:
+        model.train()
+        perm = torch.randperm(n, generator=g)
+        total, seen = 0.0, 0
+        for s in range(steps):
+            idx = perm[s * recipe.batch_size : (s + 1) * recipe.batch_size].to(dev)
+            x, y = augment_batch(train_d.images[idx], train_d.labels[idx], aug)
+            if dev.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+                pred = fwd_model(x)
+                if deep:
+                    loss = loss_fn([p.float() for p in pred], y)
+                else:
+                    loss = loss_fn(pred.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * x.shape[0]
+            seen += x.shape[0]
+        scheduler.step()
+        rec = {"epoch": epoch + 1, "loss": total / max(seen, 1), "lr": optimizer.param_groups[0]["lr"], "time_s": time.time() - t0}
+        if len(val_d):
+            rec.update(quick_scores(predict_cached(model, val_d.images, amp=amp), val_d.labels, recipe.threshold))
+        history.append(rec)
+        for k, v in rec.items():
+            if k != "epoch" and isinstance(v, float) and math.isfinite(v) and writer:
+                writer.add_scalar(k, v, epoch + 1)
+        score = rec.get("val_dice", -rec["loss"])
+        score = score if math.isfinite(score) else -rec["loss"]
+        meta = {"epoch": epoch, "history": history, "n_train": n, "n_val": len(val_d), "device": str(dev)}
+        if score > best:
+            best = score
+            atomic_torch_save(make_checkpoint(model, recipe, preset, best_val_dice=best, **meta), best_path)
+        atomic_torch_save(
+            make_checkpoint(
+                model, recipe, preset, best_val_dice=best, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), **meta
+            ),
+            last_path,
+        )
+        _atomic_json(out / "history.json", history)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k in ("loss", "val_dice")})
+        if on_epoch:
+            on_epoch(rec)
+    if writer:
+        writer.close()
+    summary = {
+        "preset": preset,
+        "recipe": recipe.to_dict(),
+        "device": str(dev),
+        "epochs": recipe.epochs,
+        "n_train": n,
+        "n_val": len(val_d),
+        "best_val_dice": best if len(val_d) else None,
+        "train_time_s": time.time() - t0,
+        "model": str(best_path),
+    }
+    _atomic_json(out / "summary.json", summary)
+    return summary
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional at run time
+        return None
+    return SummaryWriter(str(path))
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def train_dataset(
+    data: str | Path,
+    out: str | Path,
+    preset: str = "paper",
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    image_size: int | None = None,
+    learning_rate: float | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    progress: bool = True,
+    seed: int = 0,
+    compile_model: bool = False,
+) -> dict:
+    """Train on a prepared dataset (directory with dataset.json) or a pack (.npz)."""
+    recipe = get_recipe(preset).with_overrides(
+        epochs=epochs, batch_size=batch_size, image_size=image_size, learning_rate=learning_rate
+    )
+    data = Path(data)
+    if data.suffix == ".npz":
+        pack = load_pack(data)
+        if pack.images.shape[-1] != recipe.image_size:
+            raise TrainingError(f"{data}: pack is {pack.images.shape[-1]}px, recipe wants {recipe.image_size}px")
+        idx = [i for i, m in enumerate(pack.items) if m.get("split", "training") == "training"]
+        items = [dict(pack.items[i], _row=i) for i in idx]
+        tr_items, va_items = split_validation(items, recipe.val_fraction, seed)
+        sel = lambda its: CachedData(pack.images[[it["_row"] for it in its]], pack.labels[[it["_row"] for it in its]], its)  # noqa: E731
+        train, val = sel(tr_items), sel(va_items)
+    else:
+        lists = load_datalist(data)
+        tr_items, va_items = split_validation(lists["training"], recipe.val_fraction, seed)
+        train = cache_items(tr_items, recipe.image_size, progress)
+        val = cache_items(va_items, recipe.image_size, progress)
+    return fit(train, val, out, preset, recipe, device, resume, progress=progress, seed=seed, compile_model=compile_model)
