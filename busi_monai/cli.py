@@ -37,12 +37,18 @@ def cmd_studies(a):
 
 
 def cmd_pack(a):
+    from .io import read_image, read_mask
     from .training import cache_items, load_datalist, save_pack
 
     lists = load_datalist(a.data)
     items = [dict(it, split=s) for s in ("training", "test") for it in lists[s]]
-    save_pack(cache_items(items, a.image_size), a.out)
-    print(f"wrote {a.out} ({len(items)} images at {a.image_size}px)")
+    originals = []
+    if a.with_test_originals:
+        for it in lists["test"]:
+            img = read_image(it["image"])
+            originals.append((img.array, read_mask(it["label"], expected_shape=img.shape)))
+    save_pack(cache_items(items, a.image_size), a.out, originals)
+    print(f"wrote {a.out} ({len(items)} images at {a.image_size}px, {len(originals)} full-size test images)")
 
 
 def cmd_train(a):
@@ -118,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--image-size", type=int, default=256)
+    s.add_argument("--with-test-originals", action="store_true", help="also store the test split at full size")
     s.set_defaults(func=cmd_pack)
 
     s = sub.add_parser("train", help="train a preset on a prepared dataset")

@@ -29,7 +29,7 @@ def evaluation_items(data: str | Path, split: str = "test") -> list[dict]:
         raise FileNotFoundError(f"{data}: neither a prepared dataset (dataset.json) nor a BUSI folder with images")
     items = []
     for c in cases:
-        items.append({"image": str(c.image), "label": [str(m) for m in c.masks], "class": c.label_class, "id": c.case_id})
+        items.append({"image": str(c.image), "label": [str(m) for m in c.masks], "class": c.cls, "id": c.id})
     return items
 
 
@@ -45,16 +45,27 @@ def _truth(item: dict, shape) -> "object":
 
 def evaluate(model, data: str | Path, out: str | Path | None = None, split: str = "test", device: str = "auto", progress: bool = True, predictor: Predictor | None = None) -> dict:
     predictor = predictor or Predictor(model, device=device)
-    items = evaluation_items(data, split)
+    if str(data).endswith(".npz"):
+        # A pack carries the test split at full size (see `busi-monai pack --with-test-originals`).
+        from .training import load_pack, load_pack_originals
+
+        originals = load_pack_originals(data)
+        items = [dict(m, image=m.get("id"), _orig=o) for m, o in zip((m for m in load_pack(data).items if m.get("split") == "test"), originals)]
+        load = lambda it: it["_orig"][0]  # noqa: E731
+        truth_of = lambda it, shape: it["_orig"][1]  # noqa: E731
+    else:
+        items = evaluation_items(data, split)
+        load = lambda it: read_image(it["image"])  # noqa: E731
+        truth_of = _truth
     records, raw_records = [], []
     bs = predictor.batch_size
     bar = tqdm(total=len(items), desc="evaluate", unit="img", disable=not progress)
     for i in range(0, len(items), bs):
         chunk = items[i : i + bs]
-        images = [read_image(it["image"]) for it in chunk]
+        images = [load(it) for it in chunk]
         preds = predictor.predict(images)
         for it, im, pr in zip(chunk, images, preds):
-            truth = _truth(it, im.shape)
+            truth = truth_of(it, pr.mask.shape)
             extra = {"id": it.get("id"), "class": it.get("class"), "image": it["image"]}
             records.append({**image_metrics(pr.mask, truth), **extra})
             raw_records.append({**image_metrics(pr.raw_mask, truth), **extra})
@@ -65,7 +76,7 @@ def evaluate(model, data: str | Path, out: str | Path | None = None, split: str 
     result["raw_mask"] = {"lesion": raw["lesion"], "normal_false_positive_rate": raw["normal_false_positive_rate"], "pixel_accuracy": raw["pixel_accuracy"]}
     result["model"] = [os.path.basename(p) for p in predictor.paths]
     result["data"] = str(data)
-    result["split"] = split if (Path(data) / "dataset.json").is_file() else "all"
+    result["split"] = split if (Path(data) / "dataset.json").is_file() or str(data).endswith(".npz") else "all"
     result["per_image"] = records
     if out:
         out = Path(out)

@@ -29,19 +29,20 @@ class Prediction:
 class Predictor:
     def __init__(
         self,
-        model: str | Path | list[str | Path],
+        model: str | Path | dict | list,
         device: str = "auto",
         tta: bool | None = None,
         amp: bool | None = None,
         batch_size: int = 16,
         postprocess: dict | None = None,
     ):
-        paths = [model] if isinstance(model, (str, Path)) else list(model)
-        paths = _expand_ensemble(paths)
+        members = [model] if isinstance(model, (str, Path, dict)) else list(model)
+        paths = _expand_ensemble(members)
         self.device = resolve_device(device)
-        self.checkpoints = [load_checkpoint(p) for p in paths]
+        # A member is a checkpoint path, a run/cross-validation dir, or a checkpoint dict already loaded.
+        self.checkpoints = [p if isinstance(p, dict) else load_checkpoint(p) for p in paths]
         first = self.checkpoints[0]
-        self.paths = [str(p) for p in paths]
+        self.paths = [p.get("source", "<in memory>") if isinstance(p, dict) else str(p) for p in paths]
         self.image_size = int(first["preprocessing"]["image_size"])
         for p, ck in zip(paths, self.checkpoints):
             if int(ck["preprocessing"]["image_size"]) != self.image_size:
@@ -109,10 +110,14 @@ def _set_dropout(net: torch.nn.Module, active: bool) -> None:
             m.train(active)
 
 
-def _expand_ensemble(paths: list[str | Path]) -> list[Path]:
+def _expand_ensemble(members: list) -> list:
     """A directory of cross-validation folds (``fold*/model.pt``) stands for its members."""
-    out: list[Path] = []
-    for p in map(Path, paths):
+    out: list = []
+    for p in members:
+        if isinstance(p, dict):
+            out.append(p)
+            continue
+        p = Path(p)
         if p.is_dir():
             members = sorted(p.glob("fold*/model.pt")) or ([p / "model.pt"] if (p / "model.pt").is_file() else [])
             if not members:

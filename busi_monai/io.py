@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,9 +80,11 @@ def _pil_to_gray(img, path) -> np.ndarray:
 def _read_pil(path: str, max_pixels: int) -> Image2D:
     from PIL import Image, UnidentifiedImageError
 
-    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             w, h = img.size
             if w * h > max_pixels:
                 raise BusiInputError(f"{path}: image of {w}x{h} pixels is above the limit of {max_pixels} pixels")
@@ -89,7 +92,9 @@ def _read_pil(path: str, max_pixels: int) -> Image2D:
             arr = _pil_to_gray(img, path)
     except BusiInputError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BusiInputError(f"{path}: image is above the limit of {max_pixels} pixels ({e})") from None
+    except UnidentifiedImageError as e:
         raise BusiInputError(f"{path}: not a readable image ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BusiInputError(f"{path}: corrupt or truncated image ({e})") from None

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
 from .networks import build_network
 from .presets import Recipe, get_recipe
-from .transforms import LoadBusiImaged, augmentation_transforms, preprocess_transforms
+from .transforms import LoadBusiImaged, augmentation, preprocess_transforms
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +115,25 @@ def cache_items(items: list[dict], image_size: int, progress: bool = True, num_w
     return CachedData(images, labels, list(items))
 
 
-def save_pack(data: CachedData, path: str | Path) -> None:
-    """A compact 8-bit copy (e.g. to carry the preprocessed set to a GPU machine)."""
+def save_pack(data: CachedData, path: str | Path, originals: list[tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+    """A compact 8-bit copy (e.g. to carry the preprocessed set to a GPU machine).
+
+    ``originals`` (image, mask) at full size, for evaluation where the files are not at hand.
+    """
     meta = [{k: v for k, v in it.items() if k not in ("image", "label")} for it in data.items]
+    extra = {}
+    for i, (img, mask) in enumerate(originals or []):
+        extra[f"orig_image_{i}"] = np.clip(np.round(img), 0, 255).astype(np.uint8)
+        extra[f"orig_mask_{i}"] = np.packbits(mask.astype(bool), axis=-1)
+        extra[f"orig_shape_{i}"] = np.asarray(mask.shape)
     np.savez_compressed(
         path,
         images=np.round(data.images.numpy() * 255).astype(np.uint8),
         labels=np.packbits(data.labels.numpy().astype(bool), axis=-1),
         size=data.images.shape[-1],
         meta=json.dumps(meta),
+        n_originals=len(originals or []),
+        **extra,
     )
 
 
@@ -133,6 +143,17 @@ def load_pack(path: str | Path) -> CachedData:
     images = torch.from_numpy(z["images"].astype(np.float32) / 255.0)
     labels = torch.from_numpy(np.unpackbits(z["labels"], axis=-1)[..., :size].astype(np.float32))
     return CachedData(images, labels, json.loads(str(z["meta"])))
+
+
+def load_pack_originals(path: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The full-size (image, mask) pairs stored by :func:`save_pack`, in order."""
+    z = np.load(path)
+    out = []
+    for i in range(int(z["n_originals"])):
+        h, w = z[f"orig_shape_{i}"].tolist()
+        mask = np.unpackbits(z[f"orig_mask_{i}"], axis=-1)[:, :w]
+        out.append((z[f"orig_image_{i}"].astype(np.float32), mask.astype(np.uint8)))
+    return out
 
 
 def make_loss(recipe: Recipe, deep_supervision: bool):
@@ -151,17 +172,6 @@ def make_scheduler(recipe: Recipe, optimizer, epochs: int):
     if recipe.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs), eta_min=recipe.learning_rate * 0.01)
     raise ValueError(f"unknown lr schedule {recipe.lr_schedule!r}")
-
-
-def augment_batch(images: torch.Tensor, labels: torch.Tensor, aug) -> tuple[torch.Tensor, torch.Tensor]:
-    if aug is None:
-        return images, labels
-    out_i, out_l = [], []
-    for i in range(images.shape[0]):
-        d = aug({"image": images[i], "label": labels[i]})
-        out_i.append(torch.as_tensor(d["image"]))
-        out_l.append((torch.as_tensor(d["label"]) > 0.5).float())
-    return torch.stack(out_i).clamp_(0, 1), torch.stack(out_l)
 
 
 @torch.no_grad()
@@ -231,7 +241,7 @@ def fit(
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     scheduler = make_scheduler(recipe, optimizer, recipe.epochs)
     loss_fn = make_loss(recipe, deep)
-    aug = augmentation_transforms(recipe.augment)
+    aug = augmentation(recipe.augment)
 
     history: list[dict] = []
     start_epoch, best = 0, -1.0
@@ -265,7 +275,9 @@ def fit(
         total, seen = 0.0, 0
         for s in range(steps):
             idx = perm[s * recipe.batch_size : (s + 1) * recipe.batch_size].to(dev)
-            x, y = augment_batch(train_d.images[idx], train_d.labels[idx], aug)
+            x, y = train_d.images[idx], train_d.labels[idx]
+            if aug is not None:
+                x, y = aug(x, y)
             if dev.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):

@@ -1,0 +1,279 @@
+"""``busi-monai benchmark``: the plain way against the fast path, same inputs, one run.
+
+Plain: fp32, eager, batch 1, every image decoded and preprocessed on the CPU each time, as a
+straightforward MONAI script does it. Fast: the preprocessed set cached once on the device,
+bf16 autocast and channels-last on a GPU, large inference batches, optional torch.compile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .networks import build_network
+from .training import CachedData, cache_items, load_pack, resolve_device
+
+PAPER_IMAGES = 624
+PAPER_EPOCHS = 50
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _items_from(data: str | None, limit: int) -> list[dict]:
+    """Image/label pairs from a prepared dataset, a BUSI-layout folder or sample-data."""
+    from .data import scan_busi
+    from .training import load_datalist
+
+    if data and Path(data, "dataset.json").is_file():
+        lists = load_datalist(data)
+        items = lists["training"] + lists["test"]
+    else:
+        root = Path(data) if data else Path(__file__).resolve().parents[1] / "sample-data"
+        cases, _ = scan_busi(root)
+        items = [{"image": str(c.image), "label": [str(m) for m in c.masks][0]} for c in cases if c.masks]
+    if not items:
+        raise FileNotFoundError(f"no images found in {data}")
+    reps = (limit + len(items) - 1) // len(items)
+    return (items * reps)[:limit]
+
+
+def _train_rate(model, images, labels, batch_size, steps, amp, channels_last, dev) -> float:
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    model.train()
+    n = images.shape[0]
+
+    def step(i):
+        idx = torch.randint(0, n, (batch_size,), device=images.device)
+        x, y = images[idx], labels[idx]
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fn(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for i in range(2):  # warm-up (cudnn autotune, compile)
+        step(i)
+    _sync(dev)
+    t = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    _sync(dev)
+    return steps * batch_size / (time.perf_counter() - t)
+
+
+@torch.no_grad()
+def _infer_rate(model, x, batch_size, reps, amp, channels_last, dev) -> float:
+    model.eval()
+    xb = x[:batch_size]
+    if channels_last:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    for _ in range(2):
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+            model(xb)
+    _sync(dev)
+    t = time.perf_counter()
+    for _ in range(reps):
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+            torch.sigmoid(model(xb).float())
+    _sync(dev)
+    return reps * xb.shape[0] / (time.perf_counter() - t)
+
+
+def _plain_pipeline_rate(model, items, image_size, dev, n) -> tuple[float, float]:
+    """Batch-1 fp32 inference with per-image decode + MONAI preprocessing on the CPU.
+
+    Returns (images/s, mean latency in ms).
+    """
+    from monai.transforms import Compose
+
+    from .transforms import LoadBusiImaged, preprocess_transforms
+
+    tf = Compose([LoadBusiImaged(("image",)), preprocess_transforms(image_size, keys=("image",))])
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for it in items[: n + 2]:
+            t = time.perf_counter()
+            x = tf({"image": it["image"]})["image"][None].to(dev)
+            torch.sigmoid(model(x))
+            _sync(dev)
+            times.append(time.perf_counter() - t)
+    times = times[2:]
+    return len(times) / sum(times), 1000 * float(np.mean(times))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server_round_trip(model_path: str, image_items: list[dict], reps: int = 5, timeout: float = 180) -> dict:
+    """Start the MONAI Label app on loopback and time ``/infer`` calls (ms)."""
+    try:
+        from monailabel.client import MONAILabelClient
+    except ImportError:
+        return {"skipped": "monailabel is not installed here"}
+    import shutil
+    import tempfile
+
+    from .io import read_image, write_array
+
+    repo = Path(__file__).resolve().parents[1]
+    work = Path(tempfile.mkdtemp(prefix="busi-bench-"))
+    studies = work / "studies"
+    studies.mkdir()
+    img = read_image(image_items[0]["image"])
+    write_array(img.array, studies / "bench_0001.nii.gz", like=img)
+    model_dir = work / "model"
+    model_dir.mkdir()
+    shutil.copy(model_path, model_dir / "attention_unet.pt")
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "monailabel.main", "start_server", "--app", str(repo / "apps" / "busi"), "--studies", str(studies),
+        "--host", "127.0.0.1", "--port", str(port), "--conf", "model_dir", str(model_dir), "--conf", "skip_scoring", "true",
+    ]
+    log = open(work / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=work)
+    try:
+        client = MONAILabelClient(f"http://127.0.0.1:{port}")
+        t0 = time.time()
+        while True:
+            try:
+                client.info()
+                break
+            except Exception:
+                if proc.poll() is not None or time.time() - t0 > timeout:
+                    return {"skipped": f"server did not start (see {work / 'server.log'})"}
+                time.sleep(1)
+        times = []
+        for _ in range(reps + 1):
+            t = time.perf_counter()
+            client.infer("attention_unet", "bench_0001", {"result_extension": ".nrrd"})
+            times.append(1000 * (time.perf_counter() - t))
+        return {"ms_mean": float(np.mean(times[1:])), "ms_min": float(np.min(times[1:])), "calls": reps, "first_call_ms": times[0]}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def run_benchmark(
+    data: str | None = None,
+    device: str = "auto",
+    quick: bool = False,
+    presets: tuple[str, ...] = ("paper", "fast"),
+    image_size: int = 256,
+    compile_model: bool = False,
+    server: bool = True,
+    pack: str | None = None,
+) -> dict:
+    dev = resolve_device(device)
+    torch.backends.cudnn.benchmark = True
+    gpu = dev.type == "cuda"
+    amp = gpu and torch.cuda.is_bf16_supported()
+    n_images = 16 if quick else 128
+    if pack:
+        cached = load_pack(pack)
+        cached = CachedData(cached.images[:n_images], cached.labels[:n_images], cached.items[:n_images])
+        items = None
+    else:
+        items = _items_from(data, n_images)
+        cached = cache_items(items, image_size, progress=False)
+    result: dict = {
+        "command": "busi-monai benchmark " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else "run_benchmark()",
+        "device": torch.cuda.get_device_name(dev) if gpu else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "quick": quick,
+        "image_size": image_size,
+        "amp_bf16": amp,
+        "presets": {},
+    }
+    try:
+        import monai
+
+        result["monai"] = monai.__version__
+    except ImportError:
+        pass
+    imgs_dev, labs_dev = cached.images.to(dev), cached.labels.to(dev)
+    for preset in tqdm(presets, desc="benchmark", unit="preset"):
+        r: dict = {}
+        torch.manual_seed(0)
+        # Plain way: fp32, eager, batch 4 train, batch 1 inference with per-image CPU preprocessing.
+        model = build_network(preset).to(dev)
+        train_steps = 3 if quick else (20 if not gpu else 60)
+        r["plain_train_images_per_s"] = _train_rate(model, imgs_dev, labs_dev, 4, train_steps, False, False, dev)
+        if items is not None:
+            rate, lat = _plain_pipeline_rate(model, items, image_size, dev, 4 if quick else (16 if not gpu else 64))
+            r["plain_infer_images_per_s"], r["plain_infer_latency_ms"] = rate, lat
+        # Fast path.
+        fmodel = build_network(preset).to(dev)
+        if gpu:
+            fmodel = fmodel.to(memory_format=torch.channels_last)
+        run_model = torch.compile(fmodel) if compile_model else fmodel
+        r["fast_train_images_per_s"] = _train_rate(run_model, imgs_dev, labs_dev, 4, train_steps, amp, gpu, dev)
+        big = 64 if gpu else 8
+        x = imgs_dev.repeat((big + len(imgs_dev) - 1) // len(imgs_dev), 1, 1, 1)
+        r["fast_infer_batch1_latency_ms"] = 1000 / _infer_rate(run_model, x, 1, 5 if quick else 30, amp, gpu, dev)
+        r["fast_infer_batch"] = big
+        r["fast_infer_images_per_s"] = _infer_rate(run_model, x, big, 2 if quick else (10 if gpu else 3), amp, gpu, dev)
+        r["projected_paper_50_epochs_624_images_s"] = PAPER_EPOCHS * PAPER_IMAGES / r["fast_train_images_per_s"]
+        r["projected_plain_50_epochs_624_images_s"] = PAPER_EPOCHS * PAPER_IMAGES / r["plain_train_images_per_s"]
+        if "plain_infer_images_per_s" in r:
+            r["infer_speedup_fast_vs_plain"] = r["fast_infer_images_per_s"] / r["plain_infer_images_per_s"]
+        r["train_speedup_fast_vs_plain"] = r["fast_train_images_per_s"] / r["plain_train_images_per_s"]
+        result["presets"][preset] = r
+        del model, fmodel, run_model
+    if server and items is not None:
+        from .checkpoint import atomic_torch_save, make_checkpoint
+        from .presets import get_recipe
+        import tempfile
+
+        ck = Path(tempfile.mkdtemp()) / "paper.pt"
+        atomic_torch_save(make_checkpoint(build_network("paper"), get_recipe("paper"), "paper"), ck)
+        result["server_infer_round_trip_paper"] = _server_round_trip(str(ck), items, reps=3 if quick else 10)
+    result["peak_host_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if gpu:
+        result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    return result
+
+
+def register_cli(sub) -> None:
+    s = sub.add_parser("benchmark", help="plain vs fast training/inference throughput, latency, memory")
+    s.add_argument("--out", required=True)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--quick", action="store_true", help="finishes within a minute on a CPU")
+    s.add_argument("--data", help="prepared dataset or BUSI-layout folder (default: sample-data)")
+    s.add_argument("--pack", help="a .npz from `busi-monai pack` instead of --data")
+    s.add_argument("--presets", default="paper,fast")
+    s.add_argument("--compile", action="store_true")
+    s.add_argument("--no-server", action="store_true", help="skip the MONAI Label /infer round trip")
+
+    def run(a):
+        res = run_benchmark(a.data, a.device, a.quick, tuple(a.presets.split(",")), compile_model=a.compile, server=not a.no_server, pack=a.pack)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=2))
+        print(json.dumps(res, indent=2))
+
+    s.set_defaults(func=run)

@@ -1,0 +1,94 @@
+"""Readers on real BUSI files and on the awkward formats users bring; geometry round trips."""
+
+import itk
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from busi_monai.io import BusiInputError, read_image, read_mask, write_array, write_mask
+
+
+def test_real_busi_grayscale_rgb_and_mask_modes(busi_root):
+    modes = {}
+    for path in sorted(busi_root.glob("*/*.png")):
+        with Image.open(path) as im:
+            modes.setdefault(("mask" if "_mask" in path.name else "image", im.mode), path)
+    # The README's quirks: L and RGB images; 1-bit, RGB and RGBA masks.
+    assert ("image", "L") in modes and ("image", "RGB") in modes
+    for (kind, mode), path in modes.items():
+        if kind == "image":
+            img = read_image(path)
+            assert img.array.ndim == 2 and img.array.dtype == np.float32 and img.array.max() > 0
+        else:
+            m = read_mask(path)
+            assert set(np.unique(m)) <= {0, 1}
+
+
+def test_png_modes_agree(tmp_path):
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (40, 50), dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "l.png")
+    Image.fromarray(np.stack([gray] * 3, -1)).save(tmp_path / "rgb.png")
+    Image.fromarray(np.dstack([gray] * 3 + [np.full_like(gray, 255)])).save(tmp_path / "rgba.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "16bit.png")
+    base = read_image(tmp_path / "l.png").array
+    assert np.array_equal(read_image(tmp_path / "rgb.png").array, base)
+    assert np.array_equal(read_image(tmp_path / "rgba.png").array, base)
+    assert np.allclose(read_image(tmp_path / "16bit.png").array / 257, base)
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nrrd"])
+def test_mask_keeps_geometry_of_single_slice_volume(tmp_path, ext):
+    """Slicer sends 2D images and labels as volumes with one slice; the mask must overlay them."""
+    arr = np.arange(30 * 40, dtype=np.float32).reshape(1, 30, 40)
+    vol = itk.image_from_array(arr)
+    vol.SetSpacing([0.1, 0.2, 3.0])
+    vol.SetOrigin([5.0, -7.0, 11.0])
+    vol.SetDirection(itk.matrix_from_array(np.diag([-1.0, -1.0, 1.0])))
+    itk.imwrite(vol, str(tmp_path / f"img{ext}"))
+    img = read_image(tmp_path / f"img{ext}")
+    assert img.shape == (30, 40)
+    out = write_mask((img.array > 500).astype(np.uint8), tmp_path / "mask.nrrd", like=img)
+    back = itk.imread(out)
+    assert tuple(back.GetLargestPossibleRegion().GetSize()) == (40, 30, 1)
+    assert np.allclose(back.GetSpacing(), vol.GetSpacing())
+    assert np.allclose(back.GetOrigin(), vol.GetOrigin())
+    assert np.allclose(itk.array_from_matrix(back.GetDirection()), np.diag([-1.0, -1.0, 1.0]))
+    assert np.array_equal(itk.array_from_image(back)[0], (arr[0] > 500).astype(np.uint8))
+
+
+def test_png_to_nifti_round_trip(tmp_path):
+    gray = np.random.default_rng(1).integers(0, 256, (33, 47), dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "a.png")
+    img = read_image(tmp_path / "a.png")
+    write_array(img.array, tmp_path / "a.nii.gz", like=img)
+    assert np.array_equal(read_image(tmp_path / "a.nii.gz").array, gray)
+    assert nib.load(tmp_path / "a.nii.gz").shape[:2] == (47, 33)  # NIfTI is x-first
+
+
+def test_bad_inputs_name_the_file_and_problem(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(good)
+    (tmp_path / "truncated.png").write_bytes(good.read_bytes()[:60])
+    itk.imwrite(itk.image_from_array(np.zeros((3, 20, 20), np.float32)), str(tmp_path / "vol.nii.gz"))
+    cases = {
+        "empty.png": "empty file",
+        "text.png": "not a readable image",
+        "truncated.png": "image",
+        "vol.nii.gz": "3 slices",
+        "missing.png": "no such file",
+    }
+    for name, words in cases.items():
+        with pytest.raises(BusiInputError) as e:
+            read_image(tmp_path / name)
+        assert name in str(e.value) and words in str(e.value)
+    with pytest.raises(BusiInputError, match="does not match"):
+        read_mask(good, expected_shape=(10, 10))
+    Image.fromarray(np.full((64, 64), 7, np.uint8)).save(tmp_path / "sevens.png")
+    with pytest.raises(BusiInputError, match="values must be 0 and 1"):
+        read_mask(tmp_path / "sevens.png", strict_binary=True)
+    with pytest.raises(BusiInputError, match="above the limit"):
+        read_image(good, max_pixels=100)

@@ -1,0 +1,60 @@
+"""The paper's architecture, checked on the built module rather than on a config."""
+
+import torch
+from monai.networks.blocks import Convolution
+from monai.networks.nets.attentionunet import AttentionBlock
+
+from busi_monai import build_network
+from busi_monai.networks import attention_gate_modules
+
+
+def _dropouts(block):
+    return {m.p for m in block.modules() if isinstance(m, torch.nn.Dropout2d | torch.nn.Dropout)}
+
+
+def _out_channels(block):
+    convs = [m for m in block.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
+    return convs[-1].out_channels
+
+
+def test_paper_preset_matches_the_paper():
+    net = build_network("paper")
+    assert [_out_channels(e) for e in net.encoders] == [64, 128, 256, 512]
+    assert [_dropouts(e) for e in net.encoders] == [{0.25}, {0.25}, {0.3}, {0.3}]
+    assert [_out_channels(d) for d in net.decoders] == [256, 128, 64, 32]
+    assert [_dropouts(d) for d in net.decoders] == [{0.3}, {0.3}, {0.25}, {0.25}]
+    # One attention gate per skip connection, its filters equal to the decoder's.
+    assert len(net.gates) == 4 and all(isinstance(g, AttentionBlock) for g in net.gates)
+    assert [g.W_g[0].conv.out_channels for g in net.gates] == [256, 128, 64, 32]
+    assert isinstance(net.head, Convolution) and net.head.conv.out_channels == 1
+
+
+def test_forward_shape_and_attention_maps():
+    net = build_network("fast").eval()
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(o.shape)) for m in attention_gate_modules(net)]
+    with torch.no_grad():
+        y = net(torch.rand(2, 1, 256, 256))
+    for h in hooks:
+        h.remove()
+    assert y.shape == (2, 1, 256, 256)
+    assert [s[-1] for s in seen] == [32, 64, 128, 256]
+
+
+def test_fast_keeps_topology_at_reduced_width():
+    paper, fast = build_network("paper"), build_network("fast")
+    assert len(fast.encoders) == len(paper.encoders) == 4
+    assert [_dropouts(e) for e in fast.encoders] == [_dropouts(e) for e in paper.encoders]
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(fast) * 8 < n(paper)
+
+
+def test_best_preset_deep_supervision_only_in_training():
+    net = build_network("best")
+    x = torch.rand(1, 1, 128, 128)
+    net.train()
+    outs = net(x)
+    assert isinstance(outs, list) and outs[0].shape == (1, 1, 128, 128) and len(outs) == 3
+    net.eval()
+    with torch.no_grad():
+        assert net(x).shape == (1, 1, 128, 128)
