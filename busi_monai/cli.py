@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .presets import PRESETS
+from .presets import PRESETS, Recipe
 
 
 def _print_json(obj) -> None:
@@ -57,6 +57,7 @@ def cmd_train(a):
     summary = train_dataset(
         a.data, a.out, preset=a.preset, epochs=a.epochs, batch_size=a.batch_size, image_size=a.image_size,
         learning_rate=a.learning_rate, device=a.device, resume=a.resume, seed=a.seed, compile_model=a.compile,
+        overrides=dict(Recipe.parse_override(t) for t in a.set),
     )
     _print_json(summary)
 
@@ -64,7 +65,10 @@ def cmd_train(a):
 def cmd_evaluate(a):
     from .evaluation import evaluate
 
-    res = evaluate(a.model, a.data, a.out, split=a.split, device=a.device)
+    from .inference import Predictor
+
+    tta = {"auto": None, "on": True, "off": False}[a.tta]
+    res = evaluate(a.model, a.data, a.out, split=a.split, predictor=Predictor(a.model, device=a.device, tta=tta))
     _print_json({k: v for k, v in res.items() if k != "per_image"})
 
 
@@ -139,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue RUN/last.pt")
     s.add_argument("--compile", action="store_true", help="torch.compile the network")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a recipe field (ablations), e.g. --set augment=none")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("evaluate", help="metrics of a model on a prepared test split or a raw BUSI folder")
@@ -147,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="metrics.json")
     s.add_argument("--split", default="test")
     s.add_argument("--device", default="auto")
+    s.add_argument("--tta", choices=("auto", "on", "off"), default="auto", help="test-time flips (auto: as the recipe says)")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("infer", help="lesion masks for images, in each image's own size and geometry")

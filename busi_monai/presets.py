@@ -27,7 +27,21 @@ class Recipe:
         return asdict(self)
 
     def with_overrides(self, **kw) -> "Recipe":
+        unknown = set(kw) - set(self.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown recipe field(s): {', '.join(sorted(unknown))}")
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+    @classmethod
+    def parse_override(cls, text: str) -> tuple[str, object]:
+        """``key=value`` from the command line, typed like the field."""
+        key, _, value = text.partition("=")
+        if key not in cls.__dataclass_fields__:
+            raise ValueError(f"unknown recipe field {key!r}; fields: {', '.join(cls.__dataclass_fields__)}")
+        default = getattr(PRESETS["paper"], key)
+        if isinstance(default, bool):
+            return key, value.lower() in ("1", "true", "yes", "on")
+        return key, type(default)(value)
 
 
 PRESETS: dict[str, Recipe] = {

@@ -53,17 +53,22 @@ class LoadBusiImaged(MapTransform):
         return d
 
 
-def preprocess_transforms(image_size: int, keys: Sequence[str] = ("image", "label")) -> Compose:
-    """Paper preprocessing of loaded (1, H, W) arrays: resize, then intensities to [0, 1]."""
+def preprocess_list(image_size: int, keys: Sequence[str] = ("image", "label")) -> list:
+    """Paper preprocessing of loaded (1, H, W) arrays: resize, then intensities to [0, 1].
+
+    A flat list: a nested Compose counts as random for CacheDataset and would not be cached.
+    """
     has_label = "label" in keys
     modes = (IMAGE_RESIZE_MODE, LABEL_RESIZE_MODE) if has_label else (IMAGE_RESIZE_MODE,)
-    return Compose(
-        [
-            Resized(keys=list(keys), spatial_size=(image_size, image_size), mode=modes, anti_aliasing=(True, False)[: len(modes)]),
-            ScaleIntensityd(keys="image", minv=0.0, maxv=1.0),
-            EnsureTyped(keys=list(keys), dtype=torch.float32, track_meta=False),
-        ]
-    )
+    return [
+        Resized(keys=list(keys), spatial_size=(image_size, image_size), mode=modes, anti_aliasing=(True, False)[: len(modes)]),
+        ScaleIntensityd(keys="image", minv=0.0, maxv=1.0),
+        EnsureTyped(keys=list(keys), dtype=torch.float32, track_meta=False),
+    ]
+
+
+def preprocess_transforms(image_size: int, keys: Sequence[str] = ("image", "label")) -> Compose:
+    return Compose(preprocess_list(image_size, keys))
 
 
 def preprocess_array(image: np.ndarray, image_size: int) -> torch.Tensor:

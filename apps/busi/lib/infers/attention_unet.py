@@ -1,0 +1,130 @@
+"""Infer task ``attention_unet``: the paper's Attention U-Net through ``busi_monai.inference.Predictor``.
+
+The image is read with ``busi_monai.io.read_image`` (PNG/JPEG/NIfTI/NRRD, single-slice
+volumes squeezed), segmented at the network's size (sigmoid, threshold, processed mask),
+restored to the image's own size, and written with ``busi_monai.io.write_mask`` in the
+extension the client asks for (``result_extension``; Slicer asks for ``.nrrd``) with the
+image's own geometry, so the label overlays the image exactly. MONAI Label's Writer is not
+used: it transposes 2D arrays and drops the 2D geometry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+
+
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+logger = logging.getLogger(__name__)
+
+RESULT_EXTENSIONS = (".nrrd", ".seg.nrrd", ".nii.gz", ".nii", ".mha", ".png")
+
+
+def _bad_request(status: int, msg: str):
+    """An HTTP error with a readable message (shown by Slicer) instead of a bare 500."""
+    try:
+        from fastapi import HTTPException
+
+        return HTTPException(status_code=status, detail=msg)
+    except ImportError:  # pragma: no cover - fastapi is part of monailabel's runtime
+        return RuntimeError(msg)
+
+
+class AttentionUNetInfer(InferTask):
+    def __init__(self, served, settings, labels: dict):
+        self.served = served
+        self.settings = settings
+        super().__init__(
+            type=InferType.SEGMENTATION,
+            labels=labels,
+            dimension=2,
+            description=(
+                "Breast-lesion segmentation in 2D ultrasound: the paper's Attention U-Net (Jun Cheng), "
+                f"preset {settings.preset}, on {settings.device_description()}"
+            ),
+            config={"device": settings.device},
+        )
+
+    def is_valid(self) -> bool:
+        return self.served.exists()
+
+    def get_path(self, validate=True):
+        v = self.served.version()
+        if v is None:
+            return None if validate else self.settings.model_path
+        return v.path if v.source == "model" else self.settings.model_path
+
+    def info(self):
+        i = super().info()
+        v = self.served.version()
+        i["model_version"] = v.version if v else None
+        i["device"] = str(self.settings.resolved_device())
+        return i
+
+    def __call__(self, request):
+        from busi_monai.io import BusiInputError, read_image, write_mask
+
+        from lib.configs.attention_unet import ModelNotAvailable
+
+        t0 = time.time()
+        image = request.get("image")
+        if not isinstance(image, str):
+            raise _bad_request(422, "attention_unet segments an image file; in-memory arrays are not supported")
+        ext = str(request.get("result_extension") or ".nii.gz")
+        ext = ext if ext.startswith(".") else f".{ext}"
+        if ext.lower() not in RESULT_EXTENSIONS:
+            raise _bad_request(422, f"result_extension {ext!r}: choose one of {', '.join(RESULT_EXTENSIONS)}")
+        try:
+            img = read_image(image)
+        except BusiInputError as e:
+            raise _bad_request(422, str(e)) from None
+        t_pre = time.time()
+        try:
+            predictor, version = self.served.get()
+        except ModelNotAvailable as e:
+            raise _bad_request(503, str(e)) from None
+        pred = predictor.predict([img])[0]
+        t_infer = time.time()
+        mask = pred.mask
+        fd, out = tempfile.mkstemp(prefix="busi-result-", suffix=ext)
+        os.close(fd)
+        write_mask(mask, out, like=img)
+        t_post = time.time()
+
+        area_px = int(mask.sum())
+        sx, sy = (float(s) for s in img.spacing[:2])
+        lesion_prob = pred.probability[mask > 0]
+        params = {
+            "model": request.get("model", "attention_unet"),
+            **version.as_params(),
+            "preset": predictor.preset,
+            "device": str(predictor.device),
+            "image_size": predictor.image_size,
+            "threshold": predictor.threshold,
+            "image_shape": list(img.shape),
+            "spacing": [sx, sy],
+            "lesion_found": area_px > 0,
+            "lesion_area_px": area_px,
+            "lesion_area_mm2": round(area_px * sx * sy, 3),
+            "lesion_fraction": round(area_px / float(mask.size), 6),
+            "lesion_mean_probability": round(float(lesion_prob.mean()), 4) if lesion_prob.size else None,
+            "label_names": {"lesion": 1},
+            "result_extension": ext,
+            "latencies": {
+                "pre": round(t_pre - t0, 3),
+                "infer": round(t_infer - t_pre, 3),
+                "invert": 0.0,
+                "post": round(t_post - t_infer, 3),
+                "write": round(t_post - t_infer, 3),
+                "total": round(t_post - t0, 3),
+                "transform": None,
+            },
+        }
+        logger.info(
+            "attention_unet: %s -> %s (%s px lesion, model %s, %s, %.2fs)",
+            os.path.basename(image), os.path.basename(out), area_px, version.version, predictor.device, t_post - t0,
+        )
+        return out, params

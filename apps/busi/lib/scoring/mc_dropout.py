@@ -1,0 +1,161 @@
+"""Scoring method ``mc_dropout``: Monte Carlo dropout uncertainty of each image, kept in the datastore.
+
+The paper's network has dropout in every block (0.25-0.3). Left on at inference, each pass
+is a different sub-network; where the passes disagree the model has not learned the image.
+For each image we run ``mc_passes`` passes (``Predictor.mc_dropout``) and store in its image
+info (as MONAI Label's epistemic scoring does):
+
+* ``mc_dropout_score``: the mean, over the pixels, of the mutual information (bits) between
+  the prediction and the dropout weights (BALD): the epistemic part of the uncertainty, high
+  where the passes disagree; the active-learning key. It separates the images a model has
+  learned from those it has not better than the total entropy does, which also counts the
+  ambiguity every image has (aleatoric);
+* ``mc_dropout_entropy``: the predictive entropy (bits) of the averaged probability (total);
+* ``mc_dropout_std``: mean per-pixel standard deviation of the passes;
+* ``mc_dropout_version`` / ``mc_dropout_passes`` / ``mc_dropout_ts``: the weights and passes
+  the score belongs to. Images already scored for the current weights are skipped, so the
+  rescoring MONAI Label triggers after each training, at start and at each Next Sample only
+  computes what changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import torch
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+
+logger = logging.getLogger(__name__)
+
+KEY = "mc_dropout_score"
+CHUNK = 16
+
+
+def _entropy_bits(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(1e-6, 1 - 1e-6)
+    return -(p * torch.log2(p) + (1 - p) * torch.log2(1 - p))
+
+
+def uncertainty(probs: torch.Tensor) -> list[dict]:
+    """Scores of each image from MC probabilities ``(passes, N, 1, S, S)``."""
+    mean = probs.mean(0)
+    total = _entropy_bits(mean)  # (N, 1, S, S)
+    expected = _entropy_bits(probs).mean(0)
+    mi = (total - expected).clamp(min=0)
+    std = probs.std(0)
+    out = []
+    for i in range(probs.shape[1]):
+        out.append(
+            {
+                KEY: float(mi[i].mean()),
+                "mc_dropout_entropy": float(total[i].mean()),
+                "mc_dropout_std": float(std[i].mean()),
+                "mc_dropout_lesion_fraction": float((mean[i] > 0.5).float().mean()),
+            }
+        )
+    return out
+
+
+def store_image_infos(datastore: Datastore, updates: dict[str, dict]) -> None:
+    """Merge ``updates`` into the images' info.
+
+    For the local datastore, read-modify-write ``datastore_v2.json`` under its lock, so a
+    label the server saved meanwhile is not overwritten by this process's older copy; the
+    server reloads the file when it changes.
+    """
+    if not updates:
+        return
+    path = getattr(datastore, "_datastore_config_path", None)
+    lock = getattr(datastore, "_lock_file", None)
+    if path and lock and os.path.exists(path):
+        from filelock import FileLock
+
+        with FileLock(lock):
+            with open(path) as f:
+                data = json.load(f)
+            objects = data.get("objects", {})
+            for image_id, info in updates.items():
+                if image_id in objects:
+                    objects[image_id].setdefault("image", {}).setdefault("info", {}).update(info)
+            with open(path, "w") as f:
+                f.write(json.dumps(data, indent=2, default=str))
+        return
+    for image_id, info in updates.items():
+        datastore.update_image_info(image_id, info)
+
+
+def _in_task_subprocess() -> bool:
+    """True in the subprocess MONAI Label starts for a background task (not in the server)."""
+    import sys
+
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return bool(spec and spec.name == "monailabel.interfaces.utils.app")
+
+
+class MCDropoutScoring(ScoringMethod):
+    def __init__(self, served, settings):
+        self.served = served
+        self.settings = settings
+        super().__init__(
+            f"Monte Carlo dropout uncertainty ({settings.mc_passes} passes with the paper's dropout on) "
+            "of the unlabelled images, for active learning"
+        )
+
+    def images_to_score(self, datastore: Datastore) -> list[str]:
+        ids = list(datastore.get_unlabeled_images())
+        if self.settings.score_labeled:
+            ids += [i for i in datastore.get_labeled_images() if i not in ids]
+        return ids
+
+    def outdated(self, datastore: Datastore, version: str, passes: int) -> list[str]:
+        out = []
+        for image_id in self.images_to_score(datastore):
+            info = datastore.get_image_info(image_id)
+            if info.get("mc_dropout_version") != version or info.get("mc_dropout_passes") != passes:
+                out.append(image_id)
+        return out
+
+    def __call__(self, request, datastore: Datastore):
+        from busi_monai.io import BusiInputError, read_image
+
+        from lib.configs.attention_unet import ModelNotAvailable
+
+        passes = int(request.get("mc_passes", self.settings.mc_passes))
+        try:
+            predictor, version = self.served.get()
+        except ModelNotAvailable as e:
+            logger.warning("mc_dropout scoring skipped: %s", e)
+            return {}
+        if predictor.device.type == "cpu" and _in_task_subprocess():
+            # A background task: leave half the cores to the server's interactive infer.
+            torch.set_num_threads(max(1, torch.get_num_threads() // 2))
+        todo = self.outdated(datastore, version.version, passes)
+        logger.info("mc_dropout: %d image(s) to score with model %s, %d passes on %s", len(todo), version.version, passes, predictor.device)
+        result, t0 = {}, time.time()
+        torch.manual_seed(0)
+        for start in range(0, len(todo), CHUNK):
+            ids, images = [], []
+            for image_id in todo[start : start + CHUNK]:
+                try:
+                    images.append(read_image(datastore.get_image_uri(image_id)))
+                    ids.append(image_id)
+                except BusiInputError as e:
+                    logger.warning("mc_dropout: cannot score %s: %s", image_id, e)
+            if not images:
+                continue
+            probs = predictor.mc_dropout(images, passes)
+            ts = int(time.time())
+            updates = {}
+            for image_id, s in zip(ids, uncertainty(probs)):
+                s = {k: round(v, 8) for k, v in s.items()}
+                s.update(mc_dropout_version=version.version, mc_dropout_passes=passes, mc_dropout_ts=ts)
+                updates[image_id] = s
+            store_image_infos(datastore, updates)
+            result.update(updates)
+        logger.info("mc_dropout: scored %d image(s) in %.1fs", len(result), time.time() - t0)
+        return result

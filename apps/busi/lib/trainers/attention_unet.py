@@ -1,0 +1,209 @@
+"""Train task ``attention_unet``: busi_monai's ``fit`` (the paper's recipe) on the datastore's final labels.
+
+MONAI Label runs this in a subprocess (``monailabel.interfaces.utils.app -m train``), so a
+crash never takes the server down. Each run writes into ``<model_dir>/runs/<run_id>/`` and,
+only once it has finished, publishes its best weights with ``os.replace`` onto
+``<model_dir>/attention_unet.pt``; infer picks them up at its next request. A run that
+fails (no labels, unreadable files) raises with the reason and leaves the served model alone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import shutil
+import time
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.train import TrainTask
+
+logger = logging.getLogger(__name__)
+
+KEEP_RUNS = 3
+
+
+def _first(v):
+    return v[0] if isinstance(v, (list, tuple)) and v else v
+
+
+def _num(req: dict, key: str, cast, default, minimum=None, maximum=None):
+    v = _first(req.get(key))
+    if v in (None, ""):
+        return default
+    try:
+        v = cast(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"training option {key}={req.get(key)!r}: expected a {cast.__name__}") from None
+    if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
+        raise ValueError(f"training option {key}={v}: must lie in [{minimum}, {maximum}]")
+    return v
+
+
+def _atomic_json(path: str, obj) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+class AttentionUNetTrain(TrainTask):
+    def __init__(self, served, settings):
+        self.served = served
+        self.settings = settings
+        super().__init__(
+            f"Train the paper's Attention U-Net (preset {settings.preset}: BCE, Adam with decay) on the "
+            f"labelled images; on {settings.device_description()}"
+        )
+
+    def config(self):
+        r = self.settings.recipe
+        import torch
+
+        devices = ["auto", "cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
+        if self.settings.device not in devices:
+            devices.insert(0, self.settings.device)
+        elif self.settings.device != devices[0]:
+            devices.remove(self.settings.device)
+            devices.insert(0, self.settings.device)
+        return {
+            "max_epochs": r.epochs,
+            "train_batch_size": r.batch_size,
+            "learning_rate": r.learning_rate,
+            "val_split": r.val_fraction,
+            "image_size": r.image_size,
+            "device": devices,
+            "pretrained": True,
+            "seed": 0,
+        }
+
+    def stats(self):
+        try:
+            with open(self.settings.stats_path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    # ------------------------------------------------------------------------------------
+    def _datalist(self, datastore: Datastore) -> tuple[list[dict], list[str]]:
+        """Labelled (image, final label) pairs that can be read and match; problems listed."""
+        from busi_monai.io import BusiInputError, read_image, read_mask
+
+        items, problems = [], []
+        for it in datastore.datalist():
+            try:
+                shape = read_image(it["image"]).shape
+                read_mask(it["label"], expected_shape=shape)
+            except BusiInputError as e:
+                problems.append(str(e))
+                continue
+            items.append({"image": it["image"], "label": it["label"], "id": os.path.basename(it["image"]).split(".")[0]})
+        return items, problems
+
+    def __call__(self, request, datastore: Datastore):
+        from busi_monai.training import TrainingError, cache_items, fit, split_validation
+
+        from busi_monai.serve import publish_model
+
+        req = {**self.config(), **(request or {})}
+        logger.info("attention_unet train request: %s", {k: v for k, v in req.items() if k != "local_rank"})
+        base = self.settings.recipe
+        epochs = _num(req, "max_epochs", int, base.epochs, 1)
+        batch = _num(req, "train_batch_size", int, base.batch_size, 1)
+        lr = _num(req, "learning_rate", float, base.learning_rate, 0.0)
+        val_split = _num(req, "val_split", float, base.val_fraction, 0.0, 0.9)
+        size = _num(req, "image_size", int, base.image_size, 32, 2048)
+        seed = _num(req, "seed", int, 0)
+        device = str(_first(req.get("device")) or self.settings.device)
+        if device not in ("auto", "cpu") and not device.startswith("cuda"):
+            device = "auto"  # e.g. a GPU's name, as MONAI Label's own trainers list them
+        if size % 16:
+            raise TrainingError(f"image_size {size}: must be a multiple of 16 (the network pools four times)")
+        recipe = base.with_overrides(epochs=epochs, batch_size=batch, learning_rate=lr, val_fraction=val_split, image_size=size)
+
+        items, problems = self._datalist(datastore)
+        for p in problems:
+            logger.warning("skipping a labelled image: %s", p)
+        if not items:
+            why = f" ({len(problems)} labelled image(s) could not be used: {problems[0]})" if problems else ""
+            raise TrainingError(
+                "no labelled images to train on: save at least one final label (Slicer: Submit Label) first" + why
+            )
+
+        run_id = datetime.datetime.now().strftime("%Y%m%d_%H%M%S_%f")
+        run_dir = os.path.join(self.settings.model_dir, "runs", run_id)
+        os.makedirs(run_dir, exist_ok=True)
+        train_items, val_items = split_validation(items, val_split, seed)
+        logger.info(
+            "attention_unet: training on %d labelled images (%d train, %d validation), %d epochs, batch %d, lr %g, %dpx, device %s -> %s",
+            len(items), len(train_items), len(val_items), epochs, batch, lr, size, device, run_dir,
+        )
+        init = None
+        if str(_first(req.get("pretrained", True))).lower() not in ("false", "0", "no", "none"):
+            ck = self.served.init_checkpoint()
+            if ck is not None:
+                import torch
+
+                init = os.path.join(run_dir, "init.pt")
+                torch.save(ck, init)
+                logger.info("attention_unet: starting from the current weights (%s)", ck.get("source", "bundle"))
+
+        start_ts = time.time()
+        stats = {"name": "attention_unet", "run_id": run_id, "start_ts": int(start_ts), "total_epochs": epochs, "status": "RUNNING"}
+
+        def on_epoch(rec: dict):
+            stats.update(
+                epoch=rec["epoch"],
+                loss=rec.get("loss"),
+                val_dice=rec.get("val_dice"),
+                current_time=str(datetime.timedelta(seconds=int(time.time() - start_ts))),
+            )
+            logger.info("attention_unet epoch %d/%d: %s", rec["epoch"], epochs, {k: round(v, 4) for k, v in rec.items() if isinstance(v, float)})
+            _atomic_json(os.path.join(run_dir, "progress.json"), stats)
+
+        train = cache_items(train_items, size, progress=False)
+        val = cache_items(val_items, size, progress=False)
+        summary = fit(
+            train, val, run_dir, preset=self.settings.preset, recipe=recipe, device=device,
+            init_checkpoint=init, progress=False, seed=seed, on_epoch=on_epoch,
+        )
+        if init and os.path.exists(init):
+            os.unlink(init)
+
+        published = publish_model(os.path.join(run_dir, "model.pt"), self.settings.model_dir)
+        version = self.served.version()
+        total = time.time() - start_ts
+        best = summary.get("best_val_dice")
+        stats.update(
+            status="DONE",
+            total_time=str(datetime.timedelta(seconds=int(total))),
+            total_time_s=round(total, 2),
+            train_time_s=round(float(summary.get("train_time_s", total)), 2),
+            epoch=epochs,
+            epochs=epochs,
+            best_metric=best,
+            best_val_dice=best,
+            n_train=summary.get("n_train"),
+            n_val=summary.get("n_val"),
+            skipped=problems,
+            device=summary.get("device"),
+            preset=self.settings.preset,
+            recipe=summary.get("recipe"),
+            run_dir=run_dir,
+            model=published,
+            model_version=version.version if version else None,
+            published_ts=int(time.time()),
+        )
+        stats.pop("current_time", None)
+        _atomic_json(os.path.join(run_dir, "train_stats.json"), stats)
+        _atomic_json(self.settings.stats_path, stats)
+        self._prune_runs()
+        logger.info("attention_unet: published %s (version %s, best val Dice %s) in %s", published, stats["model_version"], best, stats["total_time"])
+        return stats
+
+    def _prune_runs(self):
+        root = os.path.join(self.settings.model_dir, "runs")
+        runs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        for d in runs[:-KEEP_RUNS]:
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)

@@ -1,0 +1,245 @@
+"""Run the MONAI Label server of the BUSI app (the job behind ``make serve``).
+
+    python -m busi_monai.serve --studies work/studies [--host 127.0.0.1] [--port 8000]
+        [--busi-root sample-data] [--preset fast] [--conf key value ...]
+
+1. If the studies folder does not exist, it is built from ``--busi-root`` (default: the
+   synthetic ``sample-data/``) with :func:`busi_monai.data.make_studies`, with final labels for
+   part of the images (``--label-fraction``, so Train works at once) and the rest unlabelled
+   (for Next Sample / active learning).
+2. If the app has no trained weights yet, a small model is trained on the labelled images
+   (fast preset, small images, progress bar; a few minutes at most on 2 CPU cores) and
+   published, so that "Run" in 3D Slicer outlines a lesion straight away.
+3. ``monailabel start_server --app apps/busi --studies DIR --host H --port P --conf ...``
+   replaces this process. It binds 127.0.0.1 unless told otherwise: see apps/busi/README.md
+   before exposing it on a network.
+
+The small helpers the app shares (model file name, atomic publishing, datastore
+extensions) live here too, so this module imports nothing heavy at the top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+APP_DIR = REPO / "apps" / "busi"
+SAMPLE_DATA = REPO / "sample-data"
+
+MODEL_FILENAME = "attention_unet.pt"
+STATS_FILENAME = "train_stats.json"
+# MONAI Label's default list lacks .jpeg and .seg.nrrd. Order matters: LocalDatastore takes the
+# last pattern a file name ends with as its extension, so ".seg.nrrd" must follow ".nrrd".
+DATASTORE_EXTENSIONS = [
+    "*.nii.gz", "*.nii", "*.nrrd", "*.seg.nrrd",
+    "*.png", "*.PNG", "*.jpg", "*.JPG", "*.jpeg", "*.JPEG", "*.bmp", "*.tif", "*.tiff",
+]  # fmt: skip
+
+WARMUP_IMAGE_SIZE = 96
+WARMUP_EPOCHS = 25
+# The first model only has to outline lesions after a couple of CPU minutes: the paper's plain
+# BCE learns too slowly for that, Dice+BCE with a higher rate does. The Train button uses the
+# app's preset (the paper's recipe by default).
+WARMUP_LOSS = "dice_bce"
+WARMUP_LR = 3e-3
+WARMUP_MAX_IMAGES = 200
+
+
+def default_model_dir(app_dir: str | Path = APP_DIR) -> str:
+    return os.path.join(str(app_dir), "model")
+
+
+def publish_model(src: str | Path, model_dir: str | Path) -> str:
+    """Copy a trained checkpoint to ``<model_dir>/attention_unet.pt`` atomically.
+
+    The copy goes to a temporary file in the same folder, is flushed, then renamed over the
+    served file (``os.replace``): infer reads either the old weights or the new, never half.
+    The checkpoint is loaded first, so a broken file is never published.
+    """
+    from .checkpoint import load_checkpoint
+
+    load_checkpoint(src)
+    os.makedirs(model_dir, exist_ok=True)
+    dest = os.path.join(str(model_dir), MODEL_FILENAME)
+    fd, tmp = tempfile.mkstemp(prefix=f".{MODEL_FILENAME}.", suffix=".tmp", dir=str(model_dir))
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+            shutil.copyfileobj(f, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def _keep(i: int, fraction: float) -> bool:
+    """Spread ``fraction`` of the indices evenly (i sorted by class, then number)."""
+    return int((i + 1) * fraction) > int(i * fraction)
+
+
+def build_studies(src: str | Path, studies: str | Path, label_fraction: float = 2 / 3) -> dict:
+    """A MONAI Label studies folder from a BUSI-layout folder, labels for ``label_fraction`` of it."""
+    from .data import make_studies
+
+    studies = Path(studies)
+    tmp = studies.parent / f".{studies.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    studies.parent.mkdir(parents=True, exist_ok=True)
+    summary = make_studies(src, tmp, with_labels=label_fraction > 0)
+    final = tmp / "labels" / "final"
+    labelled, unlabelled = [], []
+    if final.is_dir():
+        for i, p in enumerate(sorted(q for q in final.iterdir() if q.is_file() and not q.name.startswith("."))):
+            if _keep(i, label_fraction):
+                labelled.append(p.name)
+            else:
+                p.unlink()
+                unlabelled.append(p.name)
+    os.replace(tmp, studies)
+    return {"studies": str(studies), "source": str(src), "labelled": len(labelled), "unlabelled_by_design": len(unlabelled), "make_studies": summary}
+
+
+def labelled_items(studies: str | Path) -> list[dict]:
+    """(image, final label) pairs of a studies folder, as MONAI Label's datastore lists them."""
+    from monailabel.datastore.local import LocalDatastore
+
+    ds = LocalDatastore(str(studies), extensions=DATASTORE_EXTENSIONS, auto_reload=False)
+    return [dict(it, id=Path(it["image"]).name.split(".")[0]) for it in ds.datalist()]
+
+
+def warm_up(
+    studies: str | Path,
+    model_dir: str | Path,
+    preset: str = "fast",
+    image_size: int = WARMUP_IMAGE_SIZE,
+    epochs: int = WARMUP_EPOCHS,
+    device: str = "auto",
+    max_images: int = WARMUP_MAX_IMAGES,
+) -> dict:
+    """Train a first small model on the studies' labelled images and publish it."""
+    import random
+
+    from .presets import get_recipe
+    from .training import TrainingError, cache_items, fit, split_validation
+
+    items = labelled_items(studies)
+    if not items:
+        raise TrainingError(f"{studies}: no labelled images (labels/final) to train a first model on")
+    if len(items) > max_images:
+        items = random.Random(0).sample(items, max_images)
+    recipe = get_recipe(preset).with_overrides(epochs=epochs, image_size=image_size, loss=WARMUP_LOSS, learning_rate=WARMUP_LR)
+    train_items, val_items = split_validation(items, 0.15, seed=0)
+    run_dir = Path(model_dir) / "runs" / "warmup"
+    print(
+        f"busi-monai serve: training a first model ({preset} preset, {image_size}px, {epochs} epochs, {recipe.loss}) on "
+        f"{len(train_items)} labelled images, validating on {len(val_items)}",
+        flush=True,
+    )
+    t0 = time.time()
+    train = cache_items(train_items, image_size, progress=True)
+    val = cache_items(val_items, image_size, progress=True)
+    summary = fit(train, val, run_dir, preset=preset, recipe=recipe, device=device, progress=True)
+    published = publish_model(run_dir / "model.pt", model_dir)
+    summary["warmup_time_s"] = round(time.time() - t0, 1)
+    summary["published"] = published
+    return summary
+
+
+def _parse(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m busi_monai.serve",
+        description="Start the MONAI Label server of the BUSI app (builds studies and a first model if missing).",
+    )
+    p.add_argument("--studies", required=True, help="MONAI Label studies folder (built from --busi-root if missing)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; see the README before 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--busi-root", default=str(SAMPLE_DATA), help="BUSI-layout folder to build the studies from (default: sample-data/)")
+    p.add_argument("--label-fraction", type=float, default=2 / 3, help="share of the images given final labels when building the studies")
+    p.add_argument("--preset", default=None, help="model preset the app trains (default: paper with a GPU, fast without)")
+    p.add_argument("--model-dir", default=None, help="where the app keeps its weights (default: apps/busi/model)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (for the warm-up and the app)")
+    p.add_argument("--warmup-size", type=int, default=WARMUP_IMAGE_SIZE, help="image size of the first model")
+    p.add_argument("--warmup-epochs", type=int, default=WARMUP_EPOCHS, help="epochs of the first model")
+    p.add_argument("--no-warmup", action="store_true", help="do not train a first model when there are no weights")
+    p.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="app option, as monailabel's --conf")
+    p.add_argument("--dry-run", action="store_true", help="prepare, then print the server command instead of running it")
+    a, rest = p.parse_known_args(argv)
+    a.server_args = rest  # e.g. --ssl_certfile ...: handed to monailabel start_server
+    return a
+
+
+def main(argv=None) -> int:
+    a = _parse(argv)
+    conf = {k: v for k, v in a.conf}
+    if a.preset is None and "preset" not in conf:
+        import torch
+
+        a.preset = "paper" if torch.cuda.is_available() else "fast"
+    if a.preset:
+        conf["preset"] = a.preset
+    if a.device != "auto":
+        conf.setdefault("device", a.device)
+    model_dir = conf.get("model_dir") or a.model_dir or default_model_dir(APP_DIR)
+    conf["model_dir"] = os.path.realpath(model_dir)
+    studies = Path(a.studies)
+
+    if not studies.exists():
+        src = Path(a.busi_root)
+        if not src.is_dir():
+            print(f"busi-monai serve: {src}: no such folder to build the studies from", file=sys.stderr)
+            return 2
+        print(f"busi-monai serve: building {studies} from {src} ...", flush=True)
+        s = build_studies(src, studies, a.label_fraction)
+        print(f"busi-monai serve: {s['studies']}: {s['labelled']} labelled images, {s['unlabelled_by_design']} left for you to label", flush=True)
+
+    weights = Path(conf["model_dir"]) / MODEL_FILENAME
+    if not weights.exists() and not conf.get("bundle") and not a.no_warmup:
+        from .training import TrainingError
+
+        try:
+            s = warm_up(studies, conf["model_dir"], image_size=a.warmup_size, epochs=a.warmup_epochs, device=a.device)
+        except TrainingError as e:
+            print(f"busi-monai serve: no first model: {e}. Label some images in Slicer and press Train.", flush=True)
+        else:
+            dice = s.get("best_val_dice")
+            print(
+                f"busi-monai serve: warm-up training took {s['warmup_time_s']:.1f}s on {s['device']} "
+                f"(validation Dice {dice:.3f}); model published at {s['published']}" if dice is not None else
+                f"busi-monai serve: warm-up training took {s['warmup_time_s']:.1f}s on {s['device']}; model at {s['published']}",
+                flush=True,
+            )
+
+    cmd = [
+        sys.executable, "-m", "monailabel.main", "start_server",
+        "--app", str(APP_DIR), "--studies", str(studies.resolve()), "--host", a.host, "--port", str(a.port),
+    ]  # fmt: skip
+    for k, v in conf.items():
+        cmd += ["--conf", k, str(v)]
+    cmd += a.server_args
+    if a.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"busi-monai serve: WARNING: binding {a.host} exposes the server to the network; "
+            "enable MONAI Label's authentication first (apps/busi/README.md, 'On a network')",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(f"busi-monai serve: connect 3D Slicer's MONAI Label module to http://{a.host}:{a.port}", flush=True)
+    print("busi-monai serve: " + " ".join(cmd), flush=True)
+    if a.dry_run:
+        return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""The MONAI Label app (apps/busi) end to end: the real server in a subprocess, driven with
+``MONAILabelClient`` (the REST calls 3D Slicer's MONAI Label plugin makes).
+
+One server for the module, on a studies folder built from sample-data (labels for half the
+images), serving the session's ``trained_model`` (so nothing waits for a 50-epoch training).
+The tests run in file order: the training test comes last because it changes the model.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from app_server import APP_DIR, AppServer  # noqa: E402
+
+itk = pytest.importorskip("itk")
+pytest.importorskip("monailabel")
+
+MODEL = "attention_unet"
+PNG_ID = "dropped_png"
+
+
+def _geometry(path):
+    img = itk.imread(str(path))
+    return {
+        "shape": tuple(itk.array_from_image(img).shape),
+        "spacing": tuple(float(s) for s in img.GetSpacing()),
+        "origin": tuple(float(o) for o in img.GetOrigin()),
+        "direction": np.asarray(itk.array_from_matrix(img.GetDirection()), dtype=float),
+    }
+
+
+def _assert_same_geometry(result, image):
+    r, i = _geometry(result), _geometry(image)
+    assert r["shape"] == i["shape"], (r["shape"], i["shape"])
+    np.testing.assert_allclose(r["spacing"], i["spacing"], rtol=1e-6)
+    np.testing.assert_allclose(r["origin"], i["origin"], atol=1e-6)
+    np.testing.assert_allclose(r["direction"], i["direction"], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def app(sample_dir, trained_model, tmp_path_factory):
+    """(server, studies, model_dir) with the session's trained model published in the app."""
+    from busi_monai.serve import MODEL_FILENAME, build_studies, publish_model
+
+    root = tmp_path_factory.mktemp("busi-app")
+    studies = root / "studies"
+    build_studies(sample_dir, studies, label_fraction=0.5)
+    # A PNG dropped into the studies folder, as a user would.
+    png = sorted((sample_dir / "benign").glob("* (*).png"))[0]
+    shutil.copy(png, studies / f"{PNG_ID}.png")
+    model_dir = root / "model"
+    publish_model(trained_model, model_dir)
+    assert (model_dir / MODEL_FILENAME).is_file()
+    srv = AppServer(
+        studies, model_dir, workdir=root / "server",
+        conf={"preset": "fast", "mc_passes": 6, "score_labeled": "true", "device": "cpu"},
+    )  # fmt: skip
+    srv.start()
+    try:
+        yield srv, studies, model_dir, png
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(app, tmp_path_factory):
+    return app[0].client(tmp_path_factory.mktemp("client"))
+
+
+def _objects(client) -> dict:
+    return client.datastore()["objects"]
+
+
+def test_info_lists_model_trainer_labels_strategies(client):
+    info = client.info()
+    assert MODEL in info["models"]
+    assert MODEL in info["trainers"]
+    assert info["labels"] == {"lesion": 1}
+    assert info["models"][MODEL]["labels"] == {"lesion": 1}
+    assert info["models"][MODEL]["dimension"] == 2
+    assert {"random", "mc_dropout"} <= set(info["strategies"])
+    assert "mc_dropout" in info["scoring"]
+    cfg = info["trainers"][MODEL]["config"]
+    assert {"max_epochs", "train_batch_size", "learning_rate", "val_split", "image_size", "device"} <= set(cfg)
+    assert cfg["train_batch_size"] == 4 and cfg["learning_rate"] == pytest.approx(1e-3)
+    assert "CPU" in info["models"][MODEL]["description"]  # which device, as /info shows it
+    assert info["busi"]["device"] == "cpu" and info["busi"]["model_version"]
+
+
+def test_next_sample_and_infer_nrrd_overlays_the_image(client):
+    sample = client.next_sample("random", {})
+    assert sample["id"] in _objects(client)
+    image_path = Path(sample["path"])
+    assert image_path.is_file()
+    result, params = client.infer(MODEL, sample["id"], {"result_extension": ".nrrd"})
+    assert result and result.endswith(".nrrd"), result
+    _assert_same_geometry(result, image_path)
+    arr = itk.array_from_image(itk.imread(result))
+    assert set(np.unique(arr).tolist()) <= {0, 1}
+    assert params["model_version"] and params["device"] == "cpu"
+    assert params["lesion_area_px"] == int(arr.sum())
+    assert params["label_names"] == {"lesion": 1}
+
+
+def test_infer_png_in_the_datastore(app, client, trained_model):
+    _, studies, _, png = app
+    from busi_monai.inference import Predictor
+    from busi_monai.io import read_image
+
+    assert PNG_ID in _objects(client)
+    image = studies / f"{PNG_ID}.png"
+    result, params = client.infer(MODEL, PNG_ID, {"result_extension": ".nrrd"})
+    _assert_same_geometry(result, image)
+    served = itk.array_from_image(itk.imread(result))
+    # Exactly the CLI's mask, in the same orientation (MONAI Label's writer would transpose it).
+    expected = Predictor(trained_model, device="cpu").predict([read_image(image)])[0].mask
+    np.testing.assert_array_equal(served, expected)
+    assert params["lesion_area_px"] == int(expected.sum())
+    # The default result format is NIfTI, with the same geometry as well.
+    result2, _ = client.infer(MODEL, PNG_ID, {})
+    assert result2.endswith(".nii.gz")
+    _assert_same_geometry(result2, image)
+
+
+def _wait_for_scores(client, version: str, timeout: float = 150) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        objs = _objects(client)
+        infos = {k: v["image"]["info"] for k, v in objs.items()}
+        if all(i.get("mc_dropout_version") == version for i in infos.values()):
+            return {k: i for k, i in infos.items()}
+        if time.time() > deadline:
+            missing = [k for k, i in infos.items() if i.get("mc_dropout_version") != version]
+            raise AssertionError(f"mc_dropout scores missing for {missing[:5]} after {timeout}s")
+        time.sleep(1)
+
+
+def test_mc_dropout_scores_and_next_sample(client):
+    version = client.info()["busi"]["model_version"]
+    infos = _wait_for_scores(client, version)
+    scores = {k: i["mc_dropout_score"] for k, i in infos.items()}
+    assert all(np.isfinite(list(scores.values()))) and all(s >= 0 for s in scores.values())
+    assert all(i["mc_dropout_passes"] == 6 for i in infos.values())
+
+    # Next Sample with the uncertainty strategy: the unlabelled image with the highest score.
+    objs = _objects(client)
+    unlabelled = [k for k, v in objs.items() if not v["labels"].get("final")]
+    best = max(unlabelled, key=lambda k: scores[k])
+    res = client.next_sample("mc_dropout", {})
+    assert res["id"] == best
+    assert res["mc_dropout_score"] == pytest.approx(scores[best])
+    # Asked again (the first one not labelled yet), it moves on to the next most uncertain.
+    res2 = client.next_sample("mc_dropout", {})
+    assert res2["id"] == max((k for k in unlabelled if k != best), key=lambda k: scores[k])
+
+
+def _slicer_label(image_path: Path, out: Path, mask: np.ndarray) -> Path:
+    """A label as Slicer submits it: a single-slice 3D volume with the image's geometry."""
+    img = itk.imread(str(image_path))
+    arr = mask.astype(np.uint8)[None]
+    lab = itk.image_from_array(arr)
+    if img.GetImageDimension() == 3:
+        lab.CopyInformation(img)
+    else:
+        sp, org = list(img.GetSpacing()), list(img.GetOrigin())
+        lab.SetSpacing([sp[0], sp[1], 1.0])
+        lab.SetOrigin([org[0], org[1], 0.0])
+    itk.imwrite(lab, str(out), compression=True)
+    return out
+
+
+def test_save_label_train_and_use_new_weights(app, client, tmp_path):
+    srv, studies, model_dir, _ = app
+    from busi_monai.io import read_image
+
+    objs = _objects(client)
+    unlabelled = sorted(k for k, v in objs.items() if not v["labels"].get("final") and k != PNG_ID)
+    before = client.info()["busi"]["model_version"]
+    nii_id, seg_id = unlabelled[0], unlabelled[1]
+    for image_id, name in ((nii_id, "label.nii.gz"), (seg_id, "label.seg.nrrd")):
+        image_path = studies / objs[image_id]["image"]["info"]["name"]
+        img = read_image(image_path)
+        mask = np.zeros(img.shape, np.uint8)
+        h, w = img.shape
+        mask[h // 3 : 2 * h // 3, w // 3 : 2 * w // 3] = 1
+        label = _slicer_label(image_path, tmp_path / name, mask)
+        assert itk.array_from_image(itk.imread(str(label))).shape == (1, h, w)
+        client.save_label(image_id, str(label), tag="final")
+    objs = _objects(client)
+    assert objs[nii_id]["labels"]["final"]["ext"] == ".nii.gz"
+    assert objs[seg_id]["labels"]["final"]["ext"] == ".seg.nrrd"
+    n_labelled = sum(1 for v in objs.values() if v["labels"].get("final"))
+
+    _, p_before = client.infer(MODEL, PNG_ID, {"result_extension": ".nrrd"})
+    # Small and quick, but long enough for the model to learn its training images (val_split 0:
+    # every labelled image is learned, for the uncertainty check below).
+    params = {"max_epochs": 40, "image_size": 32, "train_batch_size": 4, "learning_rate": 0.003, "val_split": 0.0}
+    task = client.train_start(MODEL, params)
+    assert task["status"] in ("SUBMITTED", "RUNNING")
+    deadline = time.time() + 240
+    while True:
+        st = client.train_status()
+        if st["status"] not in ("SUBMITTED", "RUNNING"):
+            break
+        assert time.time() < deadline, "training did not finish in 240s"
+        time.sleep(1)
+    assert st["status"] == "DONE", "\n".join(st.get("details", [])) + srv.log_tail(4000)
+
+    info = client.info()
+    after = info["busi"]["model_version"]
+    assert after != before
+    stats = info["train_stats"][MODEL]
+    assert stats["epochs"] == 40 and stats["n_train"] + stats["n_val"] == n_labelled
+    assert "total_time" in stats and "best_metric" in stats and stats["model_version"] == after
+    assert not list(model_dir.glob(".*.tmp")), "no temporary file left beside the published model"
+    _, p_after = client.infer(MODEL, PNG_ID, {"result_extension": ".nrrd"})
+    assert p_before["model_version"] == before and p_after["model_version"] == after
+    assert p_after["image_size"] == 32  # the new weights, trained at 32px, are in use
+
+    # MONAI Label rescored the images with the new weights after the training; the images the
+    # model has just learned (sample labels) score lower than the ones it has not seen.
+    infos = _wait_for_scores(client, after)
+    objs = _objects(client)
+    learned = [k for k, v in objs.items() if v["labels"].get("final") and k not in (nii_id, seg_id)]
+    unseen = [k for k, v in objs.items() if not v["labels"].get("final")]
+    mean_learned = float(np.mean([infos[k]["mc_dropout_score"] for k in learned]))
+    mean_unseen = float(np.mean([infos[k]["mc_dropout_score"] for k in unseen]))
+    assert mean_unseen > mean_learned, (mean_unseen, mean_learned)
+
+
+def test_training_without_labels_fails_clearly_and_keeps_the_model(sample_dir, trained_model, tmp_path, monkeypatch):
+    """In-process: the trainer raises with the reason and the published model stays as it was."""
+    from monailabel.datastore.local import LocalDatastore
+
+    from busi_monai.serve import DATASTORE_EXTENSIONS, MODEL_FILENAME, publish_model
+    from busi_monai.training import TrainingError
+
+    monkeypatch.syspath_prepend(str(APP_DIR))
+    for m in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:
+        monkeypatch.delitem(sys.modules, m)
+    from lib.configs.attention_unet import AttentionUNet
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(sorted((sample_dir / "benign").glob("* (*).png"))[0], studies / "a.png")
+    model_dir = tmp_path / "model"
+    publish_model(trained_model, model_dir)
+    before = (model_dir / MODEL_FILENAME).read_bytes()
+    cfg = AttentionUNet()
+    cfg.init(MODEL, str(model_dir), {"preset": "fast", "model_dir": str(model_dir)}, None, app_dir=str(APP_DIR))
+    ds = LocalDatastore(str(studies), extensions=DATASTORE_EXTENSIONS, auto_reload=False)
+    with pytest.raises(TrainingError, match="no labelled images"):
+        cfg.trainer()({"max_epochs": 1}, ds)
+    assert (model_dir / MODEL_FILENAME).read_bytes() == before

@@ -1,0 +1,282 @@
+"""The MONAI bundle export: layout, MONAI's own verifiers, self-contained inference equal to
+``busi-monai infer``, TorchScript, train/evaluate configs, and reading a bundle back."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = Path(__file__).resolve().parents[1].parent / "shared" / "monai-bundle" / "meta_schema_20240725.json"
+
+# Run `python -m monai.bundle ...` with busi_monai (and scipy/scikit-image/itk, which the bundle
+# must not need) made unimportable, from outside the repository.
+_BLOCKED_RUNNER = r"""
+import importlib.abc, runpy, sys
+BLOCKED = ("busi_monai", "scipy", "skimage", "itk")
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the self-containment test)", name=name)
+        return None
+sys.meta_path.insert(0, _Block())
+sys.argv = ["monai.bundle", *sys.argv[1:]]
+runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
+"""
+
+
+def monai_bundle(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONNOUSERSITE"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", _BLOCKED_RUNNER, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"monai.bundle {args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def _images(sample_dir: Path, per_class: int = 3) -> list[Path]:
+    out = []
+    for cls in ("benign", "malignant", "normal"):
+        out += sorted(p for p in (sample_dir / cls).glob("*.png") if "_mask" not in p.name)[:per_class]
+    return out
+
+
+@pytest.fixture(scope="module")
+def metrics_file(tmp_path_factory) -> Path:
+    # Shape of `busi-monai evaluate`'s metrics.json; the numbers are test inputs, not results.
+    p = tmp_path_factory.mktemp("metrics") / "metrics.json"
+    p.write_text(json.dumps({"n_images": 3, "lesion": {"dice": 0.5, "iou": 0.25}, "pixel_accuracy": 0.75, "split": "test"}))
+    return p
+
+
+@pytest.fixture(scope="module")
+def bundle(trained_model, metrics_file, tmp_path_factory) -> Path:
+    from busi_monai.cli import main
+
+    out = tmp_path_factory.mktemp("bundles") / "busi_attention_unet"
+    assert main(["export-bundle", "--model", str(trained_model), "--out", str(out), "--version", "0.2.0", "--metrics", str(metrics_file)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_dir(sample_dir, tmp_path_factory) -> Path:
+    """A flat folder of PNGs (BUSI names with spaces and parentheses) plus one 2D NIfTI."""
+    from busi_monai.io import read_image, write_array
+
+    d = tmp_path_factory.mktemp("images")
+    imgs = _images(sample_dir)
+    for p in imgs:
+        shutil.copy(p, d / p.name)
+    im = read_image(imgs[0])
+    write_array(im.array, d / "as_nifti.nii.gz", like=im)
+    return d
+
+
+def _load_bundle_scripts(bundle: Path, name: str):
+    spec = importlib.util.spec_from_file_location(f"_bundle_scripts_{name}", bundle / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_layout_metadata_and_docs(bundle, trained_model):
+    from busi_monai.checkpoint import load_checkpoint
+
+    for rel in (
+        "LICENSE", "configs/metadata.json", "configs/inference.json", "configs/train.json", "configs/evaluate.json",
+        "models/model.pt", "models/model.ts", "scripts/__init__.py", "scripts/networks.py", "scripts/transforms.py",
+        "docs/README.md",
+    ):
+        assert (bundle / rel).is_file(), rel
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    ck = load_checkpoint(trained_model)
+    size = ck["preprocessing"]["image_size"]
+    assert meta["schema"].endswith("/0.8.1/meta_schema_20240725.json") and meta["version"] == "0.2.0"
+    image = meta["network_data_format"]["inputs"]["image"]
+    assert image["num_channels"] == 1 and image["spatial_shape"] == [size, size] and image["value_range"] == [0, 1]
+    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 1
+    assert any("Data in Brief 28 (2020) 104863" in r for r in meta["references"])
+    assert meta["eval_metrics"]["lesion_mean_dice"] == 0.5
+    readme = (bundle / "docs" / "README.md").read_text()
+    assert "| lesion_mean_dice | 0.5000 |" in readme and "{{" not in readme
+    assert "Apache" in (bundle / "LICENSE").read_text() and "BUSI" in (bundle / "LICENSE").read_text()
+    # One definition of the network: the bundle's copy is busi_monai/networks.py verbatim.
+    assert (bundle / "scripts" / "networks.py").read_text().endswith((REPO / "busi_monai" / "networks.py").read_text())
+    # model.pt is a plain state_dict.
+    state = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert set(state) == {k for k in ck["state_dict"] if not k.startswith("aux_heads.")}
+
+
+def test_export_without_metrics_says_not_measured(trained_model, tmp_path):
+    from busi_monai.bundle import export_bundle
+
+    out = export_bundle(trained_model, tmp_path / "b")
+    assert "not measured" in (out / "docs" / "README.md").read_text()
+    assert json.loads((out / "configs" / "metadata.json").read_text())["eval_metrics"] == {}
+
+
+def test_monai_verifiers(bundle, tmp_path):
+    if not SCHEMA.is_file():
+        pytest.skip(f"offline schema copy missing: {SCHEMA}")
+    meta = str(bundle / "configs" / "metadata.json")
+    monai_bundle("verify_metadata", "--meta_file", meta, "--filepath", str(SCHEMA), cwd=tmp_path)
+    # As in the Model Zoo, from the bundle's root: `scripts` is imported from the working directory.
+    monai_bundle(
+        "verify_net_in_out", "--net_id", "network_def", "--meta_file", meta,
+        "--config_file", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle), cwd=bundle,
+    )
+
+
+def test_bundle_inference_equals_busi_monai_infer(bundle, trained_model, image_dir, tmp_path):
+    from busi_monai.cli import main
+    from busi_monai.io import read_mask
+
+    out = tmp_path / "bundle_out"
+    monai_bundle(
+        "run", "--config_file", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
+        "--dataset_dir", str(image_dir), "--output_dir", str(out), cwd=tmp_path,
+    )
+    images = sorted(p for p in image_dir.iterdir() if p.suffix in (".png", ".gz"))
+    ref = tmp_path / "infer_out"
+    assert main(["infer", "--model", str(trained_model), "--out", str(ref), "--device", "cpu", "--format", ".png", *map(str, images)]) == 0
+    lesion_pixels = 0
+    for p in images:
+        stem = p.name[: -len(".nii.gz")] if p.name.endswith(".nii.gz") else p.stem
+        ours = read_mask(out / f"{stem}_mask.png")
+        theirs = read_mask(ref / f"{stem}_mask.png")
+        assert ours.shape == theirs.shape, p.name
+        assert np.array_equal(ours, theirs), f"{p.name}: {(ours != theirs).sum()} pixels differ"
+        lesion_pixels += int(theirs.sum())
+    assert lesion_pixels > 0, "the test model found no lesion at all: the comparison would be vacuous"
+
+
+def test_bundle_nifti_output(bundle, image_dir, tmp_path):
+    from busi_monai.io import read_image
+
+    out = tmp_path / "nii_out"
+    monai_bundle(
+        "run", "--config_file", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
+        "--dataset_dir", str(image_dir), "--output_dir", str(out), "--output_ext", ".nii.gz", cwd=tmp_path,
+    )
+    src = read_image(image_dir / "as_nifti.nii.gz")
+    mask = read_image(out / "as_nifti_mask.nii.gz")
+    assert mask.shape == src.shape and set(np.unique(mask.array)) <= {0.0, 1.0}
+
+
+def test_bundle_probability_equals_predictor(bundle, trained_model, image_dir):
+    """Before any threshold: the bundle's preprocessing, network and inverse resize give
+    Predictor's probability map (same orientation, same interpolation) to float precision."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import Activationsd, Invertd
+
+    from busi_monai.inference import Predictor
+
+    sys.path.insert(0, str(bundle))
+    try:
+        parser = ConfigParser()
+        parser.read_config(str(bundle / "configs" / "inference.json"))
+        parser["bundle_root"] = str(bundle)
+        parser["device"] = "$torch.device('cpu')"
+        pre = parser.get_parsed_content("preprocessing")
+        net = parser.get_parsed_content("network").eval()
+        net.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+        inv = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True)
+        images = sorted(p for p in image_dir.iterdir() if p.suffix in (".png", ".gz"))
+        preds = Predictor(trained_model, device="cpu").predict(images)
+        for p, ref in zip(images, preds):
+            d = pre({"image": str(p)})
+            with torch.no_grad():
+                d["pred"] = net(d["image"][None])[0]
+            d = inv(Activationsd(keys="pred", sigmoid=True)(d))
+            prob = np.asarray(d["pred"][0]).T  # MONAI (x, y) -> busi-monai (row, col)
+            assert prob.shape == ref.probability.shape, p.name
+            np.testing.assert_allclose(prob, ref.probability, atol=1e-5, err_msg=p.name)
+    finally:
+        sys.path.remove(str(bundle))
+        for m in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+            del sys.modules[m]
+
+
+def test_torchscript_equals_state_dict(bundle):
+    from busi_monai.bundle import checkpoint_from_bundle
+    from busi_monai.checkpoint import model_from_checkpoint
+
+    net = model_from_checkpoint(checkpoint_from_bundle(bundle))
+    ts = torch.jit.load(str(bundle / "models" / "model.ts"), map_location="cpu").eval()
+    size = json.loads((bundle / "configs" / "metadata.json").read_text())["network_data_format"]["inputs"]["image"]["spatial_shape"]
+    torch.manual_seed(0)
+    for shape in ((1, 1, *size), (3, 1, 64, 48)):
+        x = torch.rand(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(ts(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_from_bundle_serves_predictor(bundle, trained_model, image_dir):
+    from busi_monai.bundle import checkpoint_from_bundle
+    from busi_monai.checkpoint import load_checkpoint
+    from busi_monai.inference import Predictor
+
+    ck = checkpoint_from_bundle(bundle)
+    orig = load_checkpoint(trained_model)
+    from busi_monai.bundle import CORE_KEYS
+
+    assert set(CORE_KEYS) <= set(ck) and ck["source"] == str(bundle)
+    assert ck["network"] == {**orig["network"], "deep_supervision": False}
+    assert ck["preprocessing"] == orig["preprocessing"] and ck["threshold"] == orig["threshold"]
+    assert ck["preset"] == orig["preset"] and ck["recipe"] == orig["recipe"]
+    images = sorted(image_dir.glob("*.png"))[:3]
+    a = Predictor(ck, device="cpu").predict(images)
+    b = Predictor(trained_model, device="cpu").predict(images)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.probability, y.probability)
+        np.testing.assert_array_equal(x.mask, y.mask)
+
+
+def test_processed_mask_transform_matches_busi_monai(bundle):
+    from scipy import ndimage
+
+    from busi_monai.transforms import processed_mask
+
+    ours = _load_bundle_scripts(bundle, "transforms").processed_mask
+    rng = np.random.default_rng(0)
+    for i in range(120):
+        h, w = rng.integers(16, 80, 2)
+        if i % 2:
+            m = ndimage.gaussian_filter(rng.random((h, w)), rng.uniform(1, 3)) > rng.uniform(0.45, 0.6)
+        else:
+            m = rng.random((h, w)) < rng.uniform(0.02, 0.6)
+        kw = [{}, {"min_area_fraction": 0.0, "keep_fraction": 0.0}, {"fill_holes": False}, {"min_area_fraction": 0.01}][i % 4]
+        np.testing.assert_array_equal(ours(m.astype(np.uint8), **kw).numpy(), processed_mask(m.astype(np.uint8), **kw), err_msg=f"case {i} {kw}")
+    assert ours(np.zeros((9, 9), np.uint8)).sum() == 0
+
+
+def test_train_and_evaluate_configs_run(bundle, sample_dir, tmp_path):
+    """One epoch of the bundle's own trainer on 4 images, then its evaluator on 2 (self-contained)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    items = []
+    for p in _images(sample_dir, per_class=2):  # benign x2, malignant x2, normal x2
+        shutil.copy(p, data / p.name)
+        mask = p.with_name(p.stem + "_mask.png")
+        shutil.copy(mask, data / mask.name)
+        items.append({"image": p.name, "label": mask.name})
+    train, held_out = [items[i] for i in (0, 2, 4, 1)], [items[i] for i in (3, 5)]  # held out: a lesion and a normal
+    (data / "datalist.json").write_text(json.dumps({"training": train, "validation": held_out, "test": held_out}))
+    ckpt_dir, eval_dir = tmp_path / "ckpt", tmp_path / "eval"
+    common = ["--bundle_root", str(bundle), "--dataset_dir", str(data), "--ckpt_dir", str(ckpt_dir), "--image_size", "32"]
+    monai_bundle("run", "--config_file", str(bundle / "configs" / "train.json"), *common, "--epochs", "1", "--output_dir", str(eval_dir), cwd=tmp_path)
+    saved = torch.load(ckpt_dir / "model.pt", weights_only=True)
+    assert any(k.startswith("encoders.0") for k in saved)
+    files = f"['{bundle / 'configs' / 'train.json'}','{bundle / 'configs' / 'evaluate.json'}']"
+    monai_bundle("run", "--config_file", files, *common, "--output_dir", str(eval_dir), cwd=tmp_path)
+    assert (eval_dir / "val_mean_dice_raw.csv").is_file()
