@@ -149,7 +149,7 @@ def _server_round_trip(model_path: str, image_items: list[dict], reps: int = 5, 
     port = _free_port()
     cmd = [
         sys.executable, "-m", "monailabel.main", "start_server", "--app", str(repo / "apps" / "busi"), "--studies", str(studies),
-        "--host", "127.0.0.1", "--port", str(port), "--conf", "model_dir", str(model_dir), "--conf", "skip_scoring", "true",
+        "--host", "127.0.0.1", "--port", str(port), "--conf", "model_dir", str(model_dir),
     ]
     log = open(work / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=work)

@@ -3,28 +3,20 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from . import __version__
+from .io import atomic_path
 from .networks import NetworkConfig, PaperAttentionUNet, build_network
 from .presets import Recipe
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
     """Write then rename, so a reader never sees a half-written file (same directory, same fs)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def make_checkpoint(model: PaperAttentionUNet, recipe: Recipe, preset: str, **extra) -> dict:

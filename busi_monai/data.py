@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .io import BusiInputError, Image2D, read_image, read_mask, write_array
+from .io import BusiInputError, Image2D, atomic_path, read_image, read_mask, write_array, write_json
 
 CLASSES = ("benign", "malignant", "normal")
 _NAME_RE = re.compile(r"^(?P<cls>[A-Za-z]+) \((?P<num>\d+)\)(?P<mask>_mask(?:_(?P<k>\d+))?)?\.png$", re.IGNORECASE)
@@ -486,12 +486,7 @@ def grouped_stratified_split(cases: Sequence, groups: Sequence[Sequence[int]], t
 
 
 def _write_json(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json(obj, path)
 
 
 def _stored_image(arr: np.ndarray) -> np.ndarray:
@@ -698,12 +693,5 @@ def make_studies(src: str | Path, out: str | Path, with_labels: bool = False) ->
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".nii.gz", dir=dst.parent)
-    os.close(fd)
-    try:
+    with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -6,14 +6,13 @@ mask (the default output); the raw mask's numbers are reported beside them.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .inference import Predictor
-from .io import read_image, read_mask
+from .io import read_image, read_mask, write_json
 from .metrics import image_metrics, summarize
 from .training import load_datalist
 
@@ -79,9 +78,5 @@ def evaluate(model, data: str | Path, out: str | Path | None = None, split: str 
     result["split"] = split if (Path(data) / "dataset.json").is_file() or str(data).endswith(".npz") else "all"
     result["per_image"] = records
     if out:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out)
+        write_json(result, out)
     return result

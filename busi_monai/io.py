@@ -8,9 +8,11 @@ direction) follows ITK (LPS), which is what 3D Slicer reads, so a mask written w
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,13 +182,31 @@ def read_mask(path: str | Path, expected_shape: tuple[int, int] | None = None, s
     return (arr > 0).astype(np.uint8)
 
 
-def _atomic_target(path: str) -> str:
-    """A temporary name beside ``path`` with the same extension, for write-then-rename."""
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary name beside ``path`` (same extension, same file system); when the
+    block succeeds it is flushed to disk and renamed over ``path``, else removed. Readers see
+    the old file or the new one, never half of one. Every file busi-monai writes goes this way.
+    """
+    path = str(path)
     d = os.path.dirname(os.path.abspath(path)) or "."
-    ext = suffix_of(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=ext, dir=d)
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix_of(path), dir=d)
     os.close(fd)
-    return tmp
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(obj, path: str | Path) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
 
 
 def write_array(array: np.ndarray, path: str | Path, like: Image2D | None = None) -> str:
@@ -198,9 +218,7 @@ def write_array(array: np.ndarray, path: str | Path, like: Image2D | None = None
     import itk
 
     path = str(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         ext = suffix_of(path)
         if ext in PNG_LIKE:
             from PIL import Image
@@ -225,10 +243,6 @@ def write_array(array: np.ndarray, path: str | Path, like: Image2D | None = None
                     img.SetOrigin([float(o) for o in like.origin])
                     img.SetDirection(itk.matrix_from_array(np.asarray(like.direction, dtype=float)))
             itk.imwrite(img, tmp, compression=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

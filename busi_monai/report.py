@@ -12,7 +12,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -220,7 +219,7 @@ def make_report(
             shape = read_image(r["image"]).shape
             r["area_pct"] = 100.0 * r["lesion_area"] / (shape[0] * shape[1])
 
-    md = [f"# Segmentation report\n"]
+    md = ["# Segmentation report\n"]
     model_names = ", ".join(summary.get("model", []))
     md.append(f"Model: `{model_names}` &nbsp; Data: `{data}` (split: {summary.get('split')}, {summary['n_images']} images, "
               f"{summary['n_lesion_images']} with a lesion). Threshold {predictor.threshold:g}; metrics on the processed mask "

@@ -24,9 +24,10 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from .io import atomic_path
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "apps" / "busi"
@@ -67,16 +68,8 @@ def publish_model(src: str | Path, model_dir: str | Path) -> str:
     load_checkpoint(src)
     os.makedirs(model_dir, exist_ok=True)
     dest = os.path.join(str(model_dir), MODEL_FILENAME)
-    fd, tmp = tempfile.mkstemp(prefix=f".{MODEL_FILENAME}.", suffix=".tmp", dir=str(model_dir))
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
-            shutil.copyfileobj(f, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
     return dest
 
 

@@ -24,6 +24,7 @@ from monai.losses import DeepSupervisionLoss, DiceCELoss
 from monai.transforms import Compose
 from tqdm.auto import tqdm
 
+from .io import write_json
 from .checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
 from .networks import build_network
 from .presets import Recipe, get_recipe
@@ -353,9 +354,7 @@ def _tensorboard(path: Path):
 
 
 def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_json(obj, path)
 
 
 def train_dataset(

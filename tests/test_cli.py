@@ -1,7 +1,5 @@
 """The busi-monai command line as a user runs it: real files in, masks with their geometry out."""
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
