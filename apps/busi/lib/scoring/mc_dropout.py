@@ -136,13 +136,16 @@ class MCDropoutScoring(ScoringMethod):
             torch.set_num_threads(max(1, torch.get_num_threads() // 2))
         todo = self.outdated(datastore, version.version, passes)
         logger.info("mc_dropout: %d image(s) to score with model %s, %d passes on %s", len(todo), version.version, passes, predictor.device)
+        # Resolve every path before the first write: our own write of datastore_v2.json makes the
+        # datastore reload it, and while it reloads its base path is briefly empty.
+        uris = {image_id: datastore.get_image_uri(image_id) for image_id in todo}
         result, t0 = {}, time.time()
         torch.manual_seed(0)
         for start in range(0, len(todo), CHUNK):
             ids, images = [], []
             for image_id in todo[start : start + CHUNK]:
                 try:
-                    images.append(read_image(datastore.get_image_uri(image_id)))
+                    images.append(read_image(uris[image_id]))
                     ids.append(image_id)
                 except BusiInputError as e:
                     logger.warning("mc_dropout: cannot score %s: %s", image_id, e)
