@@ -110,6 +110,21 @@ def test_next_sample_and_infer_nrrd_overlays_the_image(client):
     assert params["label_names"] == {"lesion": 1}
 
 
+def test_gradcam_heatmap_overlays_the_image(app, client):
+    """The Grad-CAM infer model returns the heatmap on the image's geometry, as Slicer loads it."""
+    _, studies, _, _ = app
+    from busi_monai.explain import DEFAULT_LAYER
+
+    assert f"{MODEL}_gradcam" in client.info()["models"]
+    image_id = sorted(k for k in _objects(client) if k.startswith("malignant"))[0]
+    image_path = studies / f"{image_id}.nii.gz"
+    result, params = client.infer(f"{MODEL}_gradcam", image_id, {"result_extension": ".nrrd"})
+    _assert_same_geometry(result, image_path)
+    bands = itk.array_from_image(itk.imread(result)).squeeze()
+    assert bands.max() == params["levels"] == 10 and len(np.unique(bands)) > 2
+    assert params["layer"] == DEFAULT_LAYER
+
+
 def test_infer_png_in_the_datastore(app, client, trained_model):
     _, studies, _, png = app
     from busi_monai.inference import Predictor

@@ -27,7 +27,7 @@ import torch
 from busi_monai.presets import PRESETS, get_recipe
 from busi_monai.serve import MODEL_FILENAME, STATS_FILENAME, default_model_dir
 
-from lib.infers.attention_unet import AttentionUNetInfer
+from lib.infers.attention_unet import AttentionUNetInfer, GradCamInfer
 from lib.trainers.attention_unet import AttentionUNetTrain
 from lib.activelearning.mc_dropout import MCDropoutStrategy
 from lib.scoring.mc_dropout import MCDropoutScoring
@@ -293,7 +293,10 @@ class AttentionUNet(TaskConfig):
         )
 
     def infer(self):
-        return {self.name: AttentionUNetInfer(self.served, self.settings, self.labels)}
+        return {
+            self.name: AttentionUNetInfer(self.served, self.settings, self.labels),
+            f"{self.name}_gradcam": GradCamInfer(self.served, self.settings),
+        }
 
     def trainer(self):
         return AttentionUNetTrain(self.served, self.settings)

@@ -128,3 +128,53 @@ class AttentionUNetInfer(InferTask):
             os.path.basename(image), os.path.basename(out), area_px, version.version, predictor.device, t_post - t0,
         )
         return out, params
+
+
+GRADCAM_LEVELS = 10
+
+
+class GradCamInfer(AttentionUNetInfer):
+    """Where the network looked: the Grad-CAM heatmap as a volume on the image's own geometry.
+
+    Slicer's MONAI Label module loads every result as a segmentation, so the [0, 1] heatmap
+    comes back in ten bands (label k = heat in ((k-1)/10, k/10]), each a segment Slicer colours
+    on its own; the exact float map is what `busi-monai explain` writes.
+    """
+
+    def __init__(self, served, settings):
+        super().__init__(served, settings, {f"gradcam_{10 * k}": k for k in range(1, GRADCAM_LEVELS + 1)})
+        self.description = f"Grad-CAM heatmap of the attention_unet lesion output (busi_monai.explain), on {settings.device_description()}"
+
+    def __call__(self, request):
+        import numpy as np
+
+        from busi_monai.explain import DEFAULT_LAYER, gradcam
+        from busi_monai.io import BusiInputError, read_image, write_array
+
+        from lib.configs.attention_unet import ModelNotAvailable
+
+        image = request.get("image")
+        if not isinstance(image, str):
+            raise _bad_request(422, "attention_unet_gradcam explains an image file")
+        ext = str(request.get("result_extension") or ".nii.gz")
+        ext = ext if ext.startswith(".") else f".{ext}"
+        if ext.lower() not in RESULT_EXTENSIONS:
+            raise _bad_request(422, f"result_extension {ext!r}: choose one of {', '.join(RESULT_EXTENSIONS)}")
+        try:
+            img = read_image(image)
+        except BusiInputError as e:
+            raise _bad_request(422, str(e)) from None
+        try:
+            predictor, version = self.served.get()
+        except ModelNotAvailable as e:
+            raise _bad_request(503, str(e)) from None
+        layer = request.get("layer") or DEFAULT_LAYER
+        try:
+            heat = gradcam(predictor, img, layer)
+        except (KeyError, ValueError) as e:
+            raise _bad_request(422, f"layer {layer!r}: {e}") from None
+        bands = np.ceil(np.clip(heat, 0, 1) * GRADCAM_LEVELS).astype(np.uint8)
+        fd, out = tempfile.mkstemp(prefix="busi-gradcam-", suffix=ext)
+        os.close(fd)
+        write_array(bands, out, like=img)
+        return out, {"model": "attention_unet_gradcam", **version.as_params(), "layer": layer, "levels": GRADCAM_LEVELS, "device": str(predictor.device)}
