@@ -64,15 +64,15 @@ class AttentionUNetInfer(InferTask):
         i["device"] = str(self.settings.resolved_device())
         return i
 
-    def __call__(self, request):
-        from busi_monai.io import BusiInputError, read_image, write_mask
+    def _checked_request(self, request):
+        """The request's image, result extension and the served model, or a 4xx/503 naming the problem."""
+        from busi_monai.io import BusiInputError, read_image
 
         from lib.configs.attention_unet import ModelNotAvailable
 
-        t0 = time.time()
         image = request.get("image")
         if not isinstance(image, str):
-            raise _bad_request(422, "attention_unet segments an image file; in-memory arrays are not supported")
+            raise _bad_request(422, "attention_unet works on an image file; in-memory arrays are not supported")
         ext = str(request.get("result_extension") or ".nii.gz")
         ext = ext if ext.startswith(".") else f".{ext}"
         if ext.lower() not in RESULT_EXTENSIONS:
@@ -81,11 +81,18 @@ class AttentionUNetInfer(InferTask):
             img = read_image(image)
         except BusiInputError as e:
             raise _bad_request(422, str(e)) from None
-        t_pre = time.time()
         try:
             predictor, version = self.served.get()
         except ModelNotAvailable as e:
             raise _bad_request(503, str(e)) from None
+        return image, img, ext, predictor, version
+
+    def __call__(self, request):
+        from busi_monai.io import write_mask
+
+        t0 = time.time()
+        image, img, ext, predictor, version = self._checked_request(request)
+        t_pre = time.time()
         pred = predictor.predict([img])[0]
         t_infer = time.time()
         mask = pred.mask
@@ -149,25 +156,9 @@ class GradCamInfer(AttentionUNetInfer):
         import numpy as np
 
         from busi_monai.explain import DEFAULT_LAYER, gradcam
-        from busi_monai.io import BusiInputError, read_image, write_array
+        from busi_monai.io import write_array
 
-        from lib.configs.attention_unet import ModelNotAvailable
-
-        image = request.get("image")
-        if not isinstance(image, str):
-            raise _bad_request(422, "attention_unet_gradcam explains an image file")
-        ext = str(request.get("result_extension") or ".nii.gz")
-        ext = ext if ext.startswith(".") else f".{ext}"
-        if ext.lower() not in RESULT_EXTENSIONS:
-            raise _bad_request(422, f"result_extension {ext!r}: choose one of {', '.join(RESULT_EXTENSIONS)}")
-        try:
-            img = read_image(image)
-        except BusiInputError as e:
-            raise _bad_request(422, str(e)) from None
-        try:
-            predictor, version = self.served.get()
-        except ModelNotAvailable as e:
-            raise _bad_request(503, str(e)) from None
+        _, img, ext, predictor, version = self._checked_request(request)
         layer = request.get("layer") or DEFAULT_LAYER
         try:
             heat = gradcam(predictor, img, layer)
