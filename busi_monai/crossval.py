@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from .presets import get_recipe
-from .training import CachedData, _atomic_json, cache_items, fit, load_datalist, load_pack, predict_cached, quick_scores, resolve_device, split_validation
+from .io import write_json
+from .training import CachedData, cache_items, fit, load_datalist, load_pack, predict_cached, quick_scores, resolve_device, split_validation
 
 
 def grouped_stratified_folds(items: list[dict], k: int, seed: int = 0) -> list[list[int]]:
@@ -85,7 +86,7 @@ def cross_validate(
         scores = quick_scores(predict_cached(model, held_data.images, amp=amp), held_data.labels, recipe.threshold)
         rec = {"fold": f, "n_train": len(train), "n_val": len(val), "n_held_out": len(held), "held_out_dice": scores["val_dice"], "held_out_normal_fp": scores["val_normal_fp"], "train_time_s": summary["train_time_s"]}
         results.append(rec)
-        _atomic_json(out / "cv.json", {"preset": preset, "recipe": recipe.to_dict(), "folds": results})
+        write_json({"preset": preset, "recipe": recipe.to_dict(), "folds": results}, out / "cv.json")
     dice = [r["held_out_dice"] for r in results]
     fp = [r["held_out_normal_fp"] for r in results if np.isfinite(r["held_out_normal_fp"])]
     summary = {
@@ -97,7 +98,7 @@ def cross_validate(
         "held_out_normal_fp_mean": float(np.mean(fp)) if fp else None,
         "note": "held-out fold metrics at network resolution (256x256); test-split metrics at full size via `busi-monai evaluate --model CVDIR`",
     }
-    _atomic_json(out / "cv.json", summary)
+    write_json(summary, out / "cv.json")
     return summary
 
 

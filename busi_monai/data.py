@@ -485,10 +485,6 @@ def grouped_stratified_split(cases: Sequence, groups: Sequence[Sequence[int]], t
 # --------------------------------------------------------------------------------------
 
 
-def _write_json(obj, path: Path) -> None:
-    write_json(obj, path)
-
-
 def _stored_image(arr: np.ndarray) -> np.ndarray:
     """uint8 when the values read are 8-bit integers (most PNGs), else float32 as read."""
     if arr.size and arr.min() >= 0 and arr.max() <= 255 and np.array_equal(arr, np.round(arr)):
@@ -618,9 +614,9 @@ def prepare(busi_root: str | Path, out: str | Path, test_fraction: float = 0.2, 
             "problems": problems,
             "seconds": round(time.time() - t0, 1),
         }
-        _write_json(datalist, staging / "dataset.json")
-        _write_json({"groups": dup_groups, "thresholds": _thresholds()}, staging / "duplicates.json")
-        _write_json(summary, staging / "summary.json")
+        write_json(datalist, staging / "dataset.json")
+        write_json({"groups": dup_groups, "thresholds": _thresholds()}, staging / "duplicates.json")
+        write_json(summary, staging / "summary.json")
         _swap_in(staging, out, ["images", "labels", "dataset.json", "duplicates.json", "summary.json"])
     finally:
         shutil.rmtree(staging, ignore_errors=True)

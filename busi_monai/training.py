@@ -315,7 +315,7 @@ def fit(
             ),
             last_path,
         )
-        _atomic_json(out / "history.json", history)
+        write_json(history, out / "history.json")
         bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k in ("loss", "val_dice")})
         if on_epoch:
             on_epoch(rec)
@@ -332,7 +332,7 @@ def fit(
         "train_time_s": time.time() - t0,
         "model": str(best_path),
     }
-    _atomic_json(out / "summary.json", summary)
+    write_json(summary, out / "summary.json")
     return summary
 
 
@@ -351,10 +351,6 @@ def _tensorboard(path: Path):
     except ImportError:  # tensorboard is optional at run time
         return None
     return SummaryWriter(str(path))
-
-
-def _atomic_json(path: Path, obj) -> None:
-    write_json(obj, path)
 
 
 def train_dataset(

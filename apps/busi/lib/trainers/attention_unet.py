@@ -19,6 +19,8 @@ import time
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
+from busi_monai.io import write_json
+
 logger = logging.getLogger(__name__)
 
 KEEP_RUNS = 3
@@ -39,13 +41,6 @@ def _num(req: dict, key: str, cast, default, minimum=None, maximum=None):
     if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
         raise ValueError(f"training option {key}={v}: must lie in [{minimum}, {maximum}]")
     return v
-
-
-def _atomic_json(path: str, obj) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 class AttentionUNetTrain(TrainTask):
@@ -160,7 +155,7 @@ class AttentionUNetTrain(TrainTask):
                 current_time=str(datetime.timedelta(seconds=int(time.time() - start_ts))),
             )
             logger.info("attention_unet epoch %d/%d: %s", rec["epoch"], epochs, {k: round(v, 4) for k, v in rec.items() if isinstance(v, float)})
-            _atomic_json(os.path.join(run_dir, "progress.json"), stats)
+            write_json(stats, os.path.join(run_dir, "progress.json"))
 
         train = cache_items(train_items, size, progress=False)
         val = cache_items(val_items, size, progress=False)
@@ -196,8 +191,8 @@ class AttentionUNetTrain(TrainTask):
             published_ts=int(time.time()),
         )
         stats.pop("current_time", None)
-        _atomic_json(os.path.join(run_dir, "train_stats.json"), stats)
-        _atomic_json(self.settings.stats_path, stats)
+        write_json(stats, os.path.join(run_dir, "train_stats.json"))
+        write_json(stats, self.settings.stats_path)
         self._prune_runs()
         logger.info("attention_unet: published %s (version %s, best val Dice %s) in %s", published, stats["model_version"], best, stats["total_time"])
         return stats
