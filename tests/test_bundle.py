@@ -280,3 +280,33 @@ def test_train_and_evaluate_configs_run(bundle, sample_dir, tmp_path):
     files = f"['{bundle / 'configs' / 'train.json'}','{bundle / 'configs' / 'evaluate.json'}']"
     monai_bundle("run", "--config_file", files, *common, "--output_dir", str(eval_dir), cwd=tmp_path)
     assert (eval_dir / "val_mean_dice_raw.csv").is_file()
+
+
+def test_app_serves_the_bundle(bundle, trained_model, sample_dir, tmp_path):
+    """`--conf bundle DIR`: the MONAI Label app serves an exported bundle without any weights of
+    its own, and its masks are the exported model's (MONAI Label's bundle app does the same)."""
+    import itk
+
+    from busi_monai.inference import Predictor
+    from busi_monai.io import read_image
+    from busi_monai.serve import MODEL_FILENAME, build_studies
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from app_server import AppServer
+
+    studies = tmp_path / "studies"
+    build_studies(sample_dir, studies, label_fraction=0.0)
+    model_dir = tmp_path / "model"  # empty: the bundle is the only source of weights
+    with AppServer(studies, model_dir, workdir=tmp_path / "server", conf={"preset": "fast", "device": "cpu", "bundle": str(bundle)}) as srv:
+        info = srv.get("/info/")
+        assert "attention_unet" in info["models"]
+        assert info["busi"]["bundle"] == str(bundle.resolve()) and info["busi"]["model_file"] == str(bundle.resolve())
+        client = srv.client(tmp_path / "client")
+        image_id = sorted(k for k in client.datastore()["objects"] if k.startswith("malignant"))[0]
+        result, params = client.infer("attention_unet", image_id, {"result_extension": ".nrrd"})
+        assert params["model_source"] == "bundle"
+        served = itk.array_from_image(itk.imread(result))
+    expected = Predictor(trained_model, device="cpu").predict([read_image(studies / f"{image_id}.nii.gz")])[0].mask
+    np.testing.assert_array_equal(served, expected)
+    assert expected.any(), "a trivial all-background mask would not show that the bundle's weights are used"
+    assert not (model_dir / MODEL_FILENAME).exists()
