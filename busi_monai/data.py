@@ -401,12 +401,12 @@ def find_duplicate_groups(
         if off is None or top_s < VERIFY_PRECHECK:
             continue  # a copy's overlap correlates almost perfectly at 1/4 scale
         # speckle-level check at 1/2 scale, +-2 px: only a real copy has the same speckle
-        hs, hoff, hfrac = -1.0, None, 0.0
+        hs, hoff = -1.0, None
         for ey in range(-2, 3):
             for ex in range(-2, 3):
-                s_, frac = _overlap_ncc(half[i], half[j], 2 * off[0] + ey, 2 * off[1] + ex, max_side=VERIFY_MAX_SIDE)
+                s_, _ = _overlap_ncc(half[i], half[j], 2 * off[0] + ey, 2 * off[1] + ex, max_side=VERIFY_MAX_SIDE)
                 if s_ > hs:
-                    hs, hoff, hfrac = s_, (2 * off[0] + ey, 2 * off[1] + ex), frac
+                    hs, hoff = s_, (2 * off[0] + ey, 2 * off[1] + ex)
         verified[i, j] = verified[j, i] = hs
         if hs >= verify_threshold and (i, j) not in linked:
             links.append(
