@@ -210,7 +210,21 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _readme(name: str, version: str, ckpt: dict, image_size: int, eval_metrics: dict, metrics_src: str | None) -> str:
+def _members(model) -> list[dict]:
+    """The checkpoint(s) to export: one file, a run dir, a cross-validation dir (``fold*/model.pt``)
+    or a list of those; all of one network and image size."""
+    from .checkpoint import load_checkpoint
+    from .inference import _expand_ensemble
+
+    members = [m if isinstance(m, dict) else load_checkpoint(m) for m in _expand_ensemble(model if isinstance(model, list) else [model])]
+    first = members[0]
+    for m in members[1:]:
+        if m["network"] != first["network"] or m["preprocessing"] != first["preprocessing"]:
+            raise ValueError(f"{m.get('source', 'a member')}: the ensemble's members need one network and image size")
+    return members
+
+
+def _readme(name: str, version: str, ckpt: dict, image_size: int, eval_metrics: dict, metrics_src: str | None, members: int = 1, flips: bool = False) -> str:
     text = (TEMPLATE / "docs" / "README.md").read_text()
     if eval_metrics:
         rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in eval_metrics.items())
@@ -230,10 +244,13 @@ def _readme(name: str, version: str, ckpt: dict, image_size: int, eval_metrics: 
     }
     for k, v in subs.items():
         text = text.replace(k, v)
-    if recipe.get("tta"):
+    if members > 1 or flips:
+        what = f"{members} networks (cross-validation folds)" if members > 1 else "the network"
         text += (
-            "\nNote: this model's busi-monai recipe averages horizontal flips at inference (TTA); the bundle "
-            "runs the plain network, so its masks can differ from `busi-monai infer` by a few boundary pixels.\n"
+            f"\nThe bundle's network is the mean lesion probability of {what}"
+            + (" and of their horizontally flipped views (test-time augmentation)" if flips else "")
+            + ", as `busi-monai infer` computes it (`scripts.networks.AveragedNetwork`, returned as a logit). "
+            "`configs/train.json` trains one network of the same kind.\n"
         )
     return text
 
@@ -249,13 +266,13 @@ def export_bundle(
     """Write the bundle directory ``out`` (its name is the bundle's name) and return it."""
     from monai.data import save_net_with_metadata
 
-    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .checkpoint import model_from_checkpoint
+    from .networks import AveragedNetwork
 
-    ckpt = model if isinstance(model, dict) else load_checkpoint(model)
-    if ckpt.get("recipe", {}).get("tta"):
-        import logging
-
-        logging.getLogger(__name__).warning("the checkpoint's recipe uses test-time flips; the bundle runs without them")
+    members = _members(model)
+    ckpt = members[0]
+    flips = bool(ckpt.get("recipe", {}).get("tta", False))
+    averaged = len(members) > 1 or flips
     metrics_src = None
     if isinstance(metrics, (str, Path)):
         metrics_src = Path(metrics).name
@@ -285,12 +302,22 @@ def export_bundle(
         )
         (tmp / "scripts" / "networks.py").write_text(header + net_src)
 
-        for cfg_name in ("inference.json", "train.json"):
+        for cfg_name in ("inference.json", "train.json", "evaluate.json"):
             p = tmp / "configs" / cfg_name
             cfg = json.loads(p.read_text())
-            cfg["network_config"] = net_cfg
-            cfg["image_size"] = image_size
-            cfg["threshold"] = threshold
+            if cfg_name != "evaluate.json":
+                cfg["network_config"] = net_cfg
+                cfg["image_size"] = image_size
+                cfg["threshold"] = threshold
+            if averaged and cfg_name != "train.json":
+                # Inference and evaluation run the members' mean (as `busi-monai infer` does);
+                # train.json trains one network of the same kind.
+                cfg["network_def"] = {
+                    "_target_": "scripts.networks.build_averaged",
+                    "preset": "@network_config",
+                    "members": len(members),
+                    "flips": flips,
+                }
             if cfg_name == "train.json":
                 recipe = ckpt.get("recipe", {})
                 # The bundle's trainer is the paper's recipe; keep the checkpoint's numbers where they are the paper's knobs.
@@ -301,12 +328,14 @@ def export_bundle(
 
         meta = make_metadata(ckpt, version, eval_metrics, image_size)
         meta["name"] = name
+        meta["busi_monai"]["averaged"] = {"members": len(members), "flips": flips} if averaged else None
         (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4) + "\n")
 
         (tmp / "models").mkdir()
-        state = _bundle_state_dict(ckpt)
+        nets = [model_from_checkpoint({**m, "network": net_cfg, "state_dict": _bundle_state_dict(m)}) for m in members]
+        net = AveragedNetwork(nets, flips=flips) if averaged else nets[0]
+        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
         torch.save(state, tmp / "models" / "model.pt")
-        net = model_from_checkpoint({**ckpt, "network": net_cfg, "state_dict": state})
         ts = _trace(net, image_size)
         save_net_with_metadata(
             ts,
@@ -318,7 +347,7 @@ def export_bundle(
         )
 
         (tmp / "docs").mkdir(exist_ok=True)
-        (tmp / "docs" / "README.md").write_text(_readme(name, version, ckpt, image_size, eval_metrics, metrics_src))
+        (tmp / "docs" / "README.md").write_text(_readme(name, version, ckpt, image_size, eval_metrics, metrics_src, len(members), flips))
 
         if out.exists():
             old = out.with_name(f".{out.name}.old")
@@ -340,6 +369,9 @@ def export_bundle(
 
 def checkpoint_from_bundle(bundle_dir: str | Path) -> dict:
     """A busi-monai checkpoint dict (as :func:`busi_monai.checkpoint.make_checkpoint`) from a bundle.
+
+    For a bundle of averaged networks (an exported ensemble or test-time flips), the dict holds
+    the first member's weights and ``members``, all of them: :class:`Predictor` serves the mean.
 
     The network, image size and threshold come from ``configs/inference.json`` (what the bundle
     runs); preset and recipe from ``metadata.json``'s ``busi_monai`` entry when present.
@@ -368,7 +400,16 @@ def checkpoint_from_bundle(bundle_dir: str | Path) -> dict:
         raise CheckpointError(f"{model_pt}: not a readable state_dict ({type(e).__name__}: {e})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a CheckpointSaver file from the bundle's own train.json
-    return {
+    averaged = infer.get("network_def", {}).get("_target_", "").endswith("build_averaged")
+    if averaged:
+        n = int(infer["network_def"]["members"])
+        flips = bool(infer["network_def"].get("flips", False))
+        recipe = {**recipe, "tta": flips}
+        member_states = [{k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"members.{i}.")} for i in range(n)]
+        if any(not m for m in member_states):
+            raise CheckpointError(f"{model_pt}: expected the weights of {n} averaged networks (members.0 .. members.{n - 1})")
+        state = member_states[0]
+    ck = {
         "format": "busi-monai/1",
         "busi_monai_version": extra.get("busi_monai_version", __version__),
         "preset": extra.get("preset"),
@@ -381,6 +422,10 @@ def checkpoint_from_bundle(bundle_dir: str | Path) -> dict:
         "source": str(d),
         "bundle_version": meta.get("version"),
     }
+    if averaged:
+        # Predictor serves all members (and flips); a training starts from the first one.
+        ck["members"] = [{**ck, "state_dict": m} for m in member_states]
+    return ck
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,13 +433,13 @@ def checkpoint_from_bundle(bundle_dir: str | Path) -> dict:
 
 
 def _cmd_export(a) -> None:
-    path = export_bundle(a.model, a.out, name=a.name, version=a.version, metrics=a.metrics)
+    path = export_bundle(a.model if len(a.model) > 1 else a.model[0], a.out, name=a.name, version=a.version, metrics=a.metrics)
     print(path)
 
 
 def register_cli(sub) -> None:
     s = sub.add_parser("export-bundle", help="write a MONAI bundle (Model Zoo layout) of a trained model")
-    s.add_argument("--model", required=True, help="busi-monai checkpoint (model.pt)")
+    s.add_argument("--model", required=True, nargs="+", help="busi-monai checkpoint(s) (model.pt), a run dir, or a cross-validation dir (its folds are averaged)")
     s.add_argument("--out", required=True, help="bundle directory to write (replaced if it exists)")
     s.add_argument("--name", default="busi_attention_unet")
     s.add_argument("--version", default="0.1.0")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
+from .networks import AveragedNetwork
 from .io import Image2D, read_image
 from .transforms import preprocess_array, processed_mask, restore_size
 from .training import resolve_device
@@ -54,6 +55,9 @@ class Predictor:
         self.batch_size = batch_size
         self.postprocess = postprocess or {}
         self.models = [model_from_checkpoint(ck, self.device) for ck in self.checkpoints]
+        # One network, or the members' (and flips') mean: the same module the bundle exports.
+        single = len(self.models) == 1 and not self.tta
+        self.averaged = self.models[0] if single else AveragedNetwork(self.models, flips=self.tta).eval()
 
     @property
     def network(self):
@@ -64,18 +68,13 @@ class Predictor:
         return preprocess_array(arr, self.image_size)
 
     def _forward(self, x: torch.Tensor, mc_dropout: bool = False) -> torch.Tensor:
-        """Mean sigmoid over ensemble members (and flips with TTA) of a (B, 1, S, S) batch."""
-        probs = []
-        views = [(False,), (True,)] if self.tta else [(False,)]
-        for net in self.models:
-            _set_dropout(net, mc_dropout)
-            for (flip,) in views:
-                xi = torch.flip(x, dims=(-1,)) if flip else x
-                with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                    y = torch.sigmoid(net(xi).float())
-                probs.append(torch.flip(y, dims=(-1,)) if flip else y)
-            _set_dropout(net, False)
-        return torch.stack(probs).mean(0)
+        """Mean probability over ensemble members (and flips with TTA) of a (B, 1, S, S) batch."""
+        _set_dropout(self.averaged, mc_dropout)
+        try:
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                return torch.sigmoid(self.averaged(x).float())
+        finally:
+            _set_dropout(self.averaged, False)
 
     @torch.no_grad()
     def predict_small(self, images: list[Image2D | np.ndarray], mc_dropout: bool = False) -> torch.Tensor:
@@ -115,7 +114,7 @@ def _expand_ensemble(members: list) -> list:
     out: list = []
     for p in members:
         if isinstance(p, dict):
-            out.append(p)
+            out.extend(p.get("members") or [p])  # an averaged bundle read back (bundle.checkpoint_from_bundle)
             continue
         p = Path(p)
         if p.is_dir():

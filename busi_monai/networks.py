@@ -114,6 +114,33 @@ def build_network(preset: str | NetworkConfig | dict = "paper") -> PaperAttentio
     return PaperAttentionUNet(NETWORKS[preset])
 
 
+class AveragedNetwork(nn.Module):
+    """The mean lesion probability of several networks (cross-validation folds) and, with
+    ``flips``, of each one's horizontally flipped view (test-time augmentation).
+
+    Returned as a logit, so it drops in wherever one network goes: ``sigmoid`` gives the mean
+    probability back, and the bundle's configs and TorchScript need no other change.
+    """
+
+    def __init__(self, members: list[nn.Module], flips: bool = False):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.flips = flips
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = []
+        for net in self.members:
+            probs.append(torch.sigmoid(net(x).float()))
+            if self.flips:
+                probs.append(torch.flip(torch.sigmoid(net(torch.flip(x, dims=(-1,))).float()), dims=(-1,)))
+        return torch.logit(torch.stack(probs).mean(0), eps=1e-6)
+
+
+def build_averaged(preset: str | NetworkConfig | dict, members: int, flips: bool = False) -> AveragedNetwork:
+    """``members`` networks of one preset or config, averaged (the bundle's ensemble network)."""
+    return AveragedNetwork([build_network(preset) for _ in range(int(members))], flips=bool(flips))
+
+
 def attention_gate_modules(net: PaperAttentionUNet) -> list[nn.Module]:
     """The sigmoid of each gate (coarse to fine), whose outputs are the attention coefficients."""
     return [g.psi[-1] for g in net.gates]

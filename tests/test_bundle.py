@@ -310,3 +310,60 @@ def test_app_serves_the_bundle(bundle, trained_model, sample_dir, tmp_path):
     np.testing.assert_array_equal(served, expected)
     assert expected.any(), "a trivial all-background mask would not show that the bundle's weights are used"
     assert not (model_dir / MODEL_FILENAME).exists()
+
+
+@pytest.fixture(scope="module")
+def cv_dir(trained_model, tmp_path_factory) -> Path:
+    """Two "folds" (the trained model and a perturbed copy) whose recipe asks for flip TTA."""
+    from busi_monai.checkpoint import atomic_torch_save, load_checkpoint
+
+    d = tmp_path_factory.mktemp("cv")
+    base = load_checkpoint(trained_model)
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        state = {k: (v + 0.05 * v.std() * torch.randn(v.shape, generator=g) if i and v.is_floating_point() and v.numel() > 1 else v) for k, v in base["state_dict"].items()}
+        (d / f"fold{i}").mkdir()
+        atomic_torch_save({**base, "state_dict": state, "recipe": {**base["recipe"], "tta": True}}, d / f"fold{i}" / "model.pt")
+    return d
+
+
+def test_ensemble_bundle_equals_busi_monai_infer(cv_dir, image_dir, tmp_path):
+    """A cross-validation dir exports as one averaged network (folds x flips) whose bundle masks,
+    TorchScript and read-back Predictor all equal `busi-monai infer --model CV_DIR`."""
+    from busi_monai.bundle import checkpoint_from_bundle
+    from busi_monai.cli import main
+    from busi_monai.inference import Predictor
+    from busi_monai.io import read_mask
+
+    bundle = tmp_path / "busi_ensemble"
+    assert main(["export-bundle", "--model", str(cv_dir), "--out", str(bundle)]) == 0
+    infer_cfg = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert infer_cfg["network_def"] == {"_target_": "scripts.networks.build_averaged", "preset": "@network_config", "members": 2, "flips": True}
+    assert "flipped" in (bundle / "docs" / "README.md").read_text()
+
+    out = tmp_path / "bundle_out"
+    monai_bundle(
+        "run", "--config_file", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
+        "--dataset_dir", str(image_dir), "--output_dir", str(out), cwd=tmp_path,
+    )
+    images = sorted(image_dir.glob("*.png"))
+    ref = tmp_path / "infer_out"
+    assert main(["infer", "--model", str(cv_dir), "--out", str(ref), "--device", "cpu", "--format", ".png", *map(str, images)]) == 0
+    single = Predictor(cv_dir / "fold0" / "model.pt", device="cpu", tta=False).predict(images)
+    differs_from_single = 0
+    for p, one in zip(images, single):
+        ours, theirs = read_mask(out / f"{p.stem}_mask.png"), read_mask(ref / f"{p.stem}_mask.png")
+        assert np.array_equal(ours, theirs), f"{p.name}: {(ours != theirs).sum()} pixels differ"
+        differs_from_single += int((theirs != one.mask).sum())
+    assert differs_from_single > 0, "the ensemble gave one fold's masks: the averaging would be untested"
+
+    served = Predictor(checkpoint_from_bundle(bundle), device="cpu")
+    assert len(served.models) == 2 and served.tta
+    direct = Predictor(cv_dir, device="cpu")
+    for a, b in zip(served.predict(images[:3]), direct.predict(images[:3])):
+        np.testing.assert_array_equal(a.probability, b.probability)
+
+    ts = torch.jit.load(str(bundle / "models" / "model.ts"))
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        np.testing.assert_allclose(ts(x).numpy(), direct.averaged(x).numpy(), atol=1e-5)
