@@ -260,8 +260,8 @@ def test_processed_mask_transform_matches_busi_monai(bundle):
     assert ours(np.zeros((9, 9), np.uint8)).sum() == 0
 
 
-def test_train_and_evaluate_configs_run(bundle, sample_dir, tmp_path):
-    """One epoch of the bundle's own trainer on 4 images, then its evaluator on 2 (self-contained)."""
+def _datalist_dir(sample_dir: Path, tmp_path: Path) -> Path:
+    """Images, masks and a datalist.json: 4 to train on, 2 held out (a lesion and a normal)."""
     data = tmp_path / "data"
     data.mkdir()
     items = []
@@ -270,8 +270,14 @@ def test_train_and_evaluate_configs_run(bundle, sample_dir, tmp_path):
         mask = p.with_name(p.stem + "_mask.png")
         shutil.copy(mask, data / mask.name)
         items.append({"image": p.name, "label": mask.name})
-    train, held_out = [items[i] for i in (0, 2, 4, 1)], [items[i] for i in (3, 5)]  # held out: a lesion and a normal
+    train, held_out = [items[i] for i in (0, 2, 4, 1)], [items[i] for i in (3, 5)]
     (data / "datalist.json").write_text(json.dumps({"training": train, "validation": held_out, "test": held_out}))
+    return data
+
+
+def test_train_and_evaluate_configs_run(bundle, sample_dir, tmp_path):
+    """One epoch of the bundle's own trainer on 4 images, then its evaluator on 2 (self-contained)."""
+    data = _datalist_dir(sample_dir, tmp_path)
     ckpt_dir, eval_dir = tmp_path / "ckpt", tmp_path / "eval"
     common = ["--bundle_root", str(bundle), "--dataset_dir", str(data), "--ckpt_dir", str(ckpt_dir), "--image_size", "32"]
     monai_bundle("run", "--config_file", str(bundle / "configs" / "train.json"), *common, "--epochs", "1", "--output_dir", str(eval_dir), cwd=tmp_path)
@@ -327,7 +333,7 @@ def cv_dir(trained_model, tmp_path_factory) -> Path:
     return d
 
 
-def test_ensemble_bundle_equals_busi_monai_infer(cv_dir, image_dir, tmp_path):
+def test_ensemble_bundle_equals_busi_monai_infer(cv_dir, image_dir, sample_dir, tmp_path):
     """A cross-validation dir exports as one averaged network (folds x flips) whose bundle masks,
     TorchScript and read-back Predictor all equal `busi-monai infer --model CV_DIR`."""
     from busi_monai.bundle import checkpoint_from_bundle
@@ -362,6 +368,12 @@ def test_ensemble_bundle_equals_busi_monai_infer(cv_dir, image_dir, tmp_path):
     direct = Predictor(cv_dir, device="cpu")
     for a, b in zip(served.predict(images[:3]), direct.predict(images[:3])):
         np.testing.assert_array_equal(a.probability, b.probability)
+
+    # The bundle's evaluator scores the shipped ensemble.
+    eval_dir = tmp_path / "eval"
+    files = f"['{bundle / 'configs' / 'train.json'}','{bundle / 'configs' / 'evaluate.json'}']"
+    monai_bundle("run", "--config_file", files, "--bundle_root", str(bundle), "--dataset_dir", str(_datalist_dir(sample_dir, tmp_path)), "--output_dir", str(eval_dir), cwd=tmp_path)
+    assert (eval_dir / "val_mean_dice_raw.csv").is_file()
 
     ts = torch.jit.load(str(bundle / "models" / "model.ts"))
     x = torch.rand(2, 1, 32, 32)
