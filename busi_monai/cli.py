@@ -192,7 +192,8 @@ def main(argv=None) -> int:
 
     try:
         args.func(args)
-    except (BusiInputError, CheckpointError, TrainingError, FileNotFoundError, ValueError) as e:
+    # OSError: an output folder that cannot be written, a disk that is full; a message, not a traceback.
+    except (BusiInputError, CheckpointError, TrainingError, OSError, ValueError) as e:
         if args.verbose:
             raise
         print(f"busi-monai {args.command}: error: {e}", file=sys.stderr)

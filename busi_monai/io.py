@@ -8,10 +8,14 @@ direction) follows ITK (LPS), which is what 3D Slicer reads, so a mask written w
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import re
+import struct
 import tempfile
 import warnings
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,24 +102,100 @@ def _read_pil(path: str, max_pixels: int) -> Image2D:
         raise BusiInputError(f"{path}: image is above the limit of {max_pixels} pixels ({e})") from None
     except UnidentifiedImageError as e:
         raise BusiInputError(f"{path}: not a readable image ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BusiInputError(f"{path}: corrupt or truncated image ({e})") from None
+    except Exception as e:  # PIL's decoders raise OSError, but also struct.error, EOFError, IndexError... on damaged files
+        raise BusiInputError(f"{path}: corrupt or truncated image ({type(e).__name__}: {e})") from None
     return Image2D(arr, path=str(path))
+
+
+def _first_line(e: Exception) -> str:
+    """The telling part of an ITK exception: its last line, without the C++ source location."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not re.fullmatch(r"\S+\.(cxx|hxx|h):\d+:?", ln.strip())]
+    if not lines:
+        return type(e).__name__
+    main = next((ln for ln in lines if ln.startswith("ITK ERROR:")), lines[0])
+    text = re.sub(r"^ITK ERROR: \w+\(0x[0-9a-f]+\): ", "", main)
+    last = lines[-1]
+    if last != main and not last.startswith("Reason:"):  # C errno text, often unrelated
+        text = f"{text} {last}"
+    return text[:200]
+
+
+def _check_nifti_complete(path: str) -> None:
+    """ITK's NIfTI reader fills the missing pixels of a truncated file with zeros, silently:
+    compare the pixel bytes the header declares with those the file holds."""
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(540)
+            for end in "<>":
+                size = struct.unpack(end + "i", head[:4])[0]
+                if size in (348, 540):
+                    break
+            else:
+                return  # not a NIfTI-1/2 header that ITK read; nothing to compare
+            if size == 348:
+                dims = struct.unpack(end + "8h", head[40:56])
+                bitpix = struct.unpack(end + "h", head[72:74])[0]
+                offset = int(struct.unpack(end + "f", head[108:112])[0])
+            else:
+                dims = struct.unpack(end + "8q", head[16:80])
+                bitpix = struct.unpack(end + "h", head[14:16])[0]
+                offset = struct.unpack(end + "q", head[168:176])[0]
+            ndim = min(max(int(dims[0]), 1), 7)
+            need = offset + int(np.prod([max(int(d), 1) for d in dims[1 : 1 + ndim]])) * max(int(bitpix), 8) // 8 - len(head)
+            got = 0
+            while got < need:  # bounded by the header's size, which was checked against the limit
+                chunk = f.read(min(1 << 20, need - got))
+                if not chunk:
+                    break
+                got += len(chunk)
+    except (OSError, EOFError, zlib.error, struct.error) as e:
+        raise BusiInputError(f"{path}: corrupt or truncated image ({type(e).__name__}: {e})") from None
+    if got < need:
+        raise BusiInputError(f"{path}: truncated image: {need - got} bytes of pixel data are missing")
+
+
+def _check_itk_header(path: str, max_pixels: int) -> None:
+    """Size and slice count from the header alone: a tiny file can declare a huge volume, and
+    ITK would allocate all of it before the checks on the array could run."""
+    import itk
+
+    io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
+    if io is None:
+        raise BusiInputError(f"{path}: not a readable image (no reader recognises this file)")
+    try:
+        io.SetFileName(path)
+        io.ReadImageInformation()
+    except Exception as e:  # ITK raises RuntimeError with a long C++ trace
+        raise BusiInputError(f"{path}: not a readable image ({_first_line(e)})") from None
+    dims = [int(io.GetDimensions(i)) for i in range(io.GetNumberOfDimensions())]
+    if len(dims) < 2 or min(dims) < 1:
+        raise BusiInputError(f"{path}: expected a 2D image, the header declares a size of {dims}")
+    extra = dims[2:]
+    if extra and int(np.prod(extra)) > 1:
+        raise BusiInputError(
+            f"{path}: a volume with {int(np.prod(extra))} slices; busi-monai segments single 2D ultrasound images"
+        )
+    if dims[0] * dims[1] > max_pixels:
+        raise BusiInputError(f"{path}: image of {dims[0]}x{dims[1]} pixels is above the limit of {max_pixels} pixels")
+    if io.GetNumberOfComponents() > 4:
+        raise BusiInputError(f"{path}: {io.GetNumberOfComponents()} values per pixel; expected a grey or colour image")
 
 
 def _read_itk(path: str, max_pixels: int) -> Image2D:
     import itk
 
+    _check_itk_header(path, max_pixels)
+    if suffix_of(path) in (".nii", ".nii.gz"):
+        _check_nifti_complete(path)
     try:
         img = itk.imread(str(path))
-    except Exception as e:  # ITK raises RuntimeError with a long C++ trace
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BusiInputError(f"{path}: not a readable image ({first[:200]})") from None
+        with np.errstate(over="ignore"):  # float64 beyond float32's range: infinite, refused below
+            arr = itk.array_from_image(img).astype(np.float32)
+    except Exception as e:  # unsupported pixel types, truncated data
+        raise BusiInputError(f"{path}: not a readable image ({_first_line(e)})") from None
     if img.GetNumberOfComponentsPerPixel() > 1:
-        arr = itk.array_from_image(img).astype(np.float32)
         arr = arr[..., :3].mean(axis=-1) if arr.shape[-1] >= 3 else arr[..., 0]
-    else:
-        arr = itk.array_from_image(img).astype(np.float32)
     spacing = np.asarray(img.GetSpacing(), dtype=float)
     origin = np.asarray(img.GetOrigin(), dtype=float)
     direction = np.asarray(itk.array_from_matrix(img.GetDirection()), dtype=float)
@@ -168,17 +248,28 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image2
     return img
 
 
-def read_mask(path: str | Path, expected_shape: tuple[int, int] | None = None, strict_binary: bool = False) -> np.ndarray:
-    """Read a label as a {0, 1} uint8 (H, W) array; any non-zero value is lesion unless ``strict_binary``."""
-    img = read_image(path)
+def read_mask(
+    path: str | Path,
+    expected_shape: tuple[int, int] | None = None,
+    strict_binary: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Read a label as a {0, 1} uint8 (H, W) array; any non-zero value is lesion unless ``strict_binary``.
+
+    ``strict_binary`` (labels submitted to the app) accepts 0/1, and 0/255 as binary PNG masks
+    are usually saved; anything else (several segments, soft or colour masks) is refused with
+    the values found, rather than guessed at.
+    """
+    img = read_image(path, max_pixels=max_pixels)
     arr = img.array
     if expected_shape is not None and tuple(arr.shape) != tuple(expected_shape):
         raise BusiInputError(f"{path}: mask of shape {arr.shape} does not match its image of shape {tuple(expected_shape)}")
     if strict_binary:
         values = np.unique(arr)
-        if not set(values.tolist()) <= {0.0, 1.0}:
-            shown = ", ".join(f"{v:g}" for v in values[:6])
-            raise BusiInputError(f"{path}: label values must be 0 and 1, found {shown}")
+        found = set(values.tolist())
+        if not (found <= {0.0, 1.0} or found <= {0.0, 255.0}):
+            shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if len(values) > 6 else "")
+            raise BusiInputError(f"{path}: label values must be 0 and 1 (or 0 and 255), found {shown}")
     return (arr > 0).astype(np.uint8)
 
 
