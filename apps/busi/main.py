@@ -20,13 +20,13 @@ import threading
 
 from lib.activelearning.mc_dropout import MCDropoutStrategy  # noqa: F401 (imported while the app dir is on sys.path)
 from lib.configs.attention_unet import NAME, AttentionUNet
+from lib.datastore import BusiDatastore
 from lib.infers.attention_unet import AttentionUNetInfer  # noqa: F401
 from lib.scoring.mc_dropout import MCDropoutScoring  # noqa: F401
 from lib.trainers.attention_unet import AttentionUNetTrain  # noqa: F401
 
 import monailabel
 from monailabel.config import settings
-from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.tasks.activelearning.random import Random
 
@@ -57,8 +57,10 @@ class BusiApp(MONAILabelApp):
         if self.studies.startswith(("http://", "https://")):
             return super().init_datastore()
         # MONAI Label's default list has no .jpeg/.seg.nrrd: users drop PNG/JPEG in, Slicer submits .seg.nrrd.
-        return LocalDatastore(
+        # BusiDatastore checks uploads (4xx with the reason) and writes them atomically.
+        return BusiDatastore(
             self.studies,
+            max_image_pixels=self.task.settings.max_image_pixels,
             extensions=DATASTORE_EXTENSIONS,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
@@ -85,18 +87,28 @@ class BusiApp(MONAILabelApp):
     def info(self):
         meta = super().info()
         v = self.task.served.version()
+        # Names only: /info is open to every client, and server paths are nobody's business there.
         meta["busi"] = {
             "preset": self.task.settings.preset,
             "device": str(self.task.settings.resolved_device()),
             "device_description": self.task.settings.device_description(),
-            "model_dir": self.task.settings.model_dir,
-            "model_file": v.path if v else None,
+            "model_source": v.source if v else None,
+            "model_file": os.path.basename(v.path) if v else None,
             "model_version": v.version if v else None,
             "model_mtime": v.mtime if v else None,
-            "bundle": self.task.settings.bundle,
+            "bundle": os.path.basename(self.task.settings.bundle) if self.task.settings.bundle else None,
             "mc_passes": self.task.settings.mc_passes,
         }
         return meta
+
+    def infer(self, request, datastore=None):
+        # MONAI Label answers an unknown model with a 500; say which models there are, as a 404.
+        model = request.get("model")
+        if model not in self._infers:
+            from fastapi import HTTPException
+
+            raise HTTPException(status_code=404, detail=f"no model {model!r}; this server has {', '.join(sorted(self._infers)) or 'none yet'}")
+        return super().infer(request, datastore)
 
     def on_init_complete(self):
         super().on_init_complete()

@@ -5,7 +5,7 @@ CLI, the bundle and this app train and segment identically. This module adds wha
 specific to a running MONAI Label server:
 
 * :class:`AppSettings`: the ``--conf`` options (preset, image_size, epochs, device, mc_passes,
-  bundle, model_dir, score_labeled), parsed and checked once.
+  bundle, model_dir, score_labeled, max_image_pixels), parsed and checked once.
 * :class:`ServedModel`: the weights infer and scoring use, kept loaded, and reloaded at the
   next request when the published file (or the bundle) changes on disk. Training publishes
   with ``os.replace`` so a reader sees the old file or the new one, never half of one.
@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from busi_monai.io import DEFAULT_MAX_PIXELS
 from busi_monai.presets import PRESETS, get_recipe
 from busi_monai.serve import MODEL_FILENAME, STATS_FILENAME, default_model_dir
 
@@ -65,6 +66,7 @@ class AppSettings:
     bundle: str | None = None
     model_dir: str = ""
     score_labeled: bool = False
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # images and labels above it are refused (4xx)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -83,6 +85,9 @@ class AppSettings:
         mc_passes = _conf_int(conf, "mc_passes", 8)
         if mc_passes < 2:
             raise ValueError("--conf mc_passes: at least 2 Monte Carlo passes are needed to measure disagreement")
+        max_pixels = _conf_int(conf, "max_image_pixels", DEFAULT_MAX_PIXELS)
+        if max_pixels < 64:
+            raise ValueError(f"--conf max_image_pixels {max_pixels}: must be at least 64 (8x8 pixels)")
         return cls(
             preset=preset,
             image_size=_conf_int(conf, "image_size", None),
@@ -92,6 +97,7 @@ class AppSettings:
             bundle=os.path.realpath(bundle) if bundle else None,
             model_dir=os.path.realpath(conf.get("model_dir") or default_model_dir(app_dir)),
             score_labeled=str(conf.get("score_labeled", "false")).lower() in TRUE,
+            max_image_pixels=max_pixels,
             extra=conf,
         )
 
@@ -156,7 +162,8 @@ class ModelVersion:
     stamp: tuple
 
     def as_params(self) -> dict:
-        return {"model_source": self.source, "model_file": self.path, "model_version": self.version, "model_mtime": self.mtime}
+        # The file's name only: responses do not reveal the server's folders.
+        return {"model_source": self.source, "model_file": os.path.basename(self.path), "model_version": self.version, "model_mtime": self.mtime}
 
 
 class ServedModel:

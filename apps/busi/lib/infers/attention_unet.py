@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import time
 
@@ -21,6 +22,38 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 logger = logging.getLogger(__name__)
 
 RESULT_EXTENSIONS = (".nrrd", ".seg.nrrd", ".nii.gz", ".nii", ".mha", ".png")
+
+
+def _allowed_roots() -> list[str]:
+    """Folders whose files infer may read: the studies folder (or, for a remote datastore,
+    MONAI Label's cache) and MONAI Label's sessions."""
+    from monailabel.config import settings
+
+    home = os.path.join(os.path.expanduser("~"), ".cache", "monailabel")
+    studies = settings.MONAI_LABEL_STUDIES
+    roots = [studies if studies and not studies.startswith(("http://", "https://")) else settings.MONAI_LABEL_DATASTORE_CACHE_PATH or home]
+    roots.append(settings.MONAI_LABEL_SESSION_PATH or os.path.join(home, "sessions"))
+    return [os.path.realpath(r) for r in roots]
+
+
+# tempfile.NamedTemporaryFile's names: MONAI Label saves an uploaded image (POST /infer with a file) so.
+_UPLOAD_NAME = re.compile(r"tmp[a-z0-9_]{8}(\.[A-Za-z0-9.]+)?")
+
+
+def public_image_name(path: str) -> str | None:
+    """How responses may name ``path``: its name inside the served folders, "the uploaded
+    image" for an upload, None for anything else (which must not be read)."""
+    from monailabel.config import settings
+
+    if not settings.MONAI_LABEL_STUDIES:
+        return os.path.basename(path)  # not under `monailabel start_server` (in-process use)
+    real = os.path.realpath(path)
+    for root in _allowed_roots():
+        if real.startswith(root + os.sep):
+            return os.path.relpath(real, root)
+    if os.path.dirname(real) == os.path.realpath(tempfile.gettempdir()) and _UPLOAD_NAME.fullmatch(os.path.basename(real)):
+        return "the uploaded image"
+    return None
 
 
 def _bad_request(status: int, msg: str):
@@ -73,18 +106,24 @@ class AttentionUNetInfer(InferTask):
         image = request.get("image")
         if not isinstance(image, str):
             raise _bad_request(422, "attention_unet works on an image file; in-memory arrays are not supported")
+        name = public_image_name(image)
+        if name is None:
+            # MONAI Label reads any existing path it is given as `image`; only the studies folder,
+            # its sessions and its own uploads are served. Same answer as for an unknown id.
+            logger.warning("attention_unet: refused an image outside the studies folder: %r", image)
+            raise _bad_request(404, "no such image in the datastore: give the id of a datastore image, or upload the file")
         ext = str(request.get("result_extension") or ".nii.gz")
         ext = ext if ext.startswith(".") else f".{ext}"
         if ext.lower() not in RESULT_EXTENSIONS:
             raise _bad_request(422, f"result_extension {ext!r}: choose one of {', '.join(RESULT_EXTENSIONS)}")
         try:
-            img = read_image(image)
+            img = read_image(image, max_pixels=self.settings.max_image_pixels)
         except BusiInputError as e:
-            raise _bad_request(422, str(e)) from None
+            raise _bad_request(422, str(e).replace(image, name)) from None
         try:
             predictor, version = self.served.get()
         except ModelNotAvailable as e:
-            raise _bad_request(503, str(e)) from None
+            raise _bad_request(503, str(e).replace(self.settings.model_dir, "<model_dir>")) from None
         return image, img, ext, predictor, version
 
     def __call__(self, request):

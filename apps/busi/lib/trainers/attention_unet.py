@@ -5,6 +5,10 @@ crash never takes the server down. Each run writes into ``<model_dir>/runs/<run_
 only once it has finished, publishes its best weights with ``os.replace`` onto
 ``<model_dir>/attention_unet.pt``; infer picks them up at its next request. A run that
 fails (no labels, unreadable files) raises with the reason and leaves the served model alone.
+
+A run that was killed (server stopped, out of memory) is resumed from its ``last.pt`` by the
+next request with the same settings and labels (``resume: false`` starts afresh). One training
+at a time per model folder: a lock file refuses a second one, whichever way it was started.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import os
 import shutil
 import time
 
+from filelock import FileLock, Timeout
+
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
@@ -24,10 +30,21 @@ from busi_monai.io import write_json
 logger = logging.getLogger(__name__)
 
 KEEP_RUNS = 3
+LOCK_FILENAME = ".train.lock"
+FINGERPRINT_FILENAME = "request.json"
 
 
 def _first(v):
     return v[0] if isinstance(v, (list, tuple)) and v else v
+
+
+def _yes(v) -> bool:
+    return str(_first(v)).lower() not in ("false", "0", "no", "none", "off")
+
+
+def _stamp(path: str) -> list:
+    st = os.stat(path)
+    return [os.path.basename(path), st.st_size, st.st_mtime_ns]
 
 
 def _num(req: dict, key: str, cast, default, minimum=None, maximum=None):
@@ -70,6 +87,7 @@ class AttentionUNetTrain(TrainTask):
             "image_size": r.image_size,
             "device": devices,
             "pretrained": True,
+            "resume": True,
             "seed": 0,
         }
 
@@ -97,9 +115,42 @@ class AttentionUNetTrain(TrainTask):
         return items, problems
 
     def __call__(self, request, datastore: Datastore):
+        from busi_monai.training import TrainingError
+
+        os.makedirs(self.settings.model_dir, exist_ok=True)
+        lock = FileLock(os.path.join(self.settings.model_dir, LOCK_FILENAME))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise TrainingError(
+                "another training of attention_unet is running on this model folder; wait for it to finish or stop it"
+            ) from None
+        try:  # the OS drops the lock with the process, so a killed run never blocks the next
+            return self._train(request, datastore)
+        finally:
+            lock.release()
+
+    def _resumable_run(self, fingerprint: dict) -> str | None:
+        """The newest unfinished run with the same settings and labels that saved an epoch."""
+        root = os.path.join(self.settings.model_dir, "runs")
+        if not os.path.isdir(root):
+            return None
+        for run_id in sorted(os.listdir(root), reverse=True):
+            d = os.path.join(root, run_id)
+            if os.path.isfile(os.path.join(d, "train_stats.json")) or not os.path.isfile(os.path.join(d, "last.pt")):
+                continue
+            try:
+                with open(os.path.join(d, FINGERPRINT_FILENAME)) as f:
+                    if json.load(f) == fingerprint:
+                        return run_id
+            except (OSError, ValueError):
+                continue
+        return None
+
+    def _train(self, request, datastore: Datastore):
         from busi_monai.training import TrainingError, cache_items, fit, split_validation
 
-        from busi_monai.serve import publish_model
+        from busi_monai.serve import MODEL_FILENAME, publish_model
 
         req = {**self.config(), **(request or {})}
         logger.info("attention_unet train request: %s", {k: v for k, v in req.items() if k != "local_rank"})
@@ -126,16 +177,34 @@ class AttentionUNetTrain(TrainTask):
                 "no labelled images to train on: save at least one final label (Slicer: Submit Label) first" + why
             )
 
-        run_id = datetime.datetime.now().strftime("%Y%m%d_%H%M%S_%f")
+        # Same settings and the same label files (name, size, mtime): a killed run of it can go on.
+        fingerprint = json.loads(json.dumps({
+            "preset": self.settings.preset, "recipe": recipe.to_dict(), "seed": seed, "device": device,
+            "pretrained": str(_first(req.get("pretrained", True))).lower(),
+            "labels": sorted([it["id"], *_stamp(it["label"])] for it in items),
+        }, default=str))  # fmt: skip
+        resume_run = self._resumable_run(fingerprint) if _yes(req.get("resume", True)) else None
+        run_id = resume_run or datetime.datetime.now().strftime("%Y%m%d_%H%M%S_%f")
         run_dir = os.path.join(self.settings.model_dir, "runs", run_id)
         os.makedirs(run_dir, exist_ok=True)
+        resumed_from = 0
+        if resume_run:
+            from busi_monai.checkpoint import load_checkpoint
+
+            resumed_from = int(load_checkpoint(os.path.join(run_dir, "last.pt"))["epoch"]) + 1
+            logger.info("attention_unet: resuming the interrupted run %s after epoch %d", run_id, resumed_from)
+            stale_init = os.path.join(run_dir, "init.pt")  # the killed run's starting weights, not needed now
+            if os.path.exists(stale_init):
+                os.unlink(stale_init)
+        else:
+            write_json(fingerprint, os.path.join(run_dir, FINGERPRINT_FILENAME))
         train_items, val_items = split_validation(items, val_split, seed)
         logger.info(
-            "attention_unet: training on %d labelled images (%d train, %d validation), %d epochs, batch %d, lr %g, %dpx, device %s -> %s",
-            len(items), len(train_items), len(val_items), epochs, batch, lr, size, device, run_dir,
+            "attention_unet: training on %d labelled images (%d train, %d validation), %d epochs, batch %d, lr %g, %dpx, device %s -> runs/%s",
+            len(items), len(train_items), len(val_items), epochs, batch, lr, size, device, run_id,
         )
         init = None
-        if str(_first(req.get("pretrained", True))).lower() not in ("false", "0", "no", "none"):
+        if not resume_run and _yes(req.get("pretrained", True)):
             ck = self.served.init_checkpoint()
             if ck is not None:
                 import torch
@@ -145,7 +214,10 @@ class AttentionUNetTrain(TrainTask):
                 logger.info("attention_unet: starting from the current weights (%s)", ck.get("source", "bundle"))
 
         start_ts = time.time()
-        stats = {"name": "attention_unet", "run_id": run_id, "start_ts": int(start_ts), "total_epochs": epochs, "status": "RUNNING"}
+        stats = {
+            "name": "attention_unet", "run_id": run_id, "start_ts": int(start_ts), "total_epochs": epochs,
+            "status": "RUNNING", "resumed_from_epoch": resumed_from,
+        }  # fmt: skip
 
         def on_epoch(rec: dict):
             stats.update(
@@ -161,7 +233,7 @@ class AttentionUNetTrain(TrainTask):
         val = cache_items(val_items, size, progress=False)
         summary = fit(
             train, val, run_dir, preset=self.settings.preset, recipe=recipe, device=device,
-            init_checkpoint=init, progress=False, seed=seed, on_epoch=on_epoch,
+            init_checkpoint=init, progress=False, seed=seed, on_epoch=on_epoch, resume=bool(resume_run),
         )
         if init and os.path.exists(init):
             os.unlink(init)
@@ -185,8 +257,9 @@ class AttentionUNetTrain(TrainTask):
             device=summary.get("device"),
             preset=self.settings.preset,
             recipe=summary.get("recipe"),
-            run_dir=run_dir,
-            model=published,
+            # Relative to model_dir: /info shows these, and the server's folders are not the client's business.
+            run_dir=os.path.join("runs", run_id),
+            model=MODEL_FILENAME,
             model_version=version.version if version else None,
             published_ts=int(time.time()),
         )
