@@ -1,10 +1,19 @@
-"""Active-learning strategy ``mc_dropout``: the unlabelled image the model is least sure of.
+"""Active-learning strategies on the Monte Carlo dropout scores that :mod:`lib.scoring.mc_dropout`
+keeps in the datastore.
 
-Reads the Monte Carlo dropout scores that :mod:`lib.scoring.mc_dropout` keeps in the
-datastore. An image handed out in the last hour (to anyone, by this strategy) is passed
-over so that "Next Sample" again moves on; when every image was handed out recently, the
-one handed out longest ago comes back. Without any score yet (no model, or scoring still
-running), it falls back to a random unlabelled image.
+* ``mc_dropout``: the unlabelled image the model is least sure of (highest BALD score).
+* ``mc_dropout_diverse``: of the few most uncertain unlabelled images, the one least like the
+  images picked since the model last changed (labelled, or handed out and not labelled yet),
+  by the network's bottleneck features: ``bald_diverse`` of ``busi-monai al-simulate``, one
+  image at a time. Several clinicians asking in a row, or one labelling a batch before the
+  next training, are not handed five frames of the same lesion (BUSI has many). Images
+  labelled before the current weights need no such guard: the model has learned them, so
+  their near-duplicates score low already.
+
+An image handed out in the last hour (to anyone, by the same strategy) is passed over so that
+"Next Sample" again moves on; when every image was handed out recently, the one handed out
+longest ago comes back. Without any score yet (no model, or scoring still running), both fall
+back to a random unlabelled image.
 """
 
 from __future__ import annotations
@@ -12,19 +21,39 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import dataclass
 
+import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from lib.scoring.mc_dropout import KEY
+from busi_monai.active import DIVERSITY_POOL, k_center_greedy
+from lib.scoring.mc_dropout import EMBEDDING_KEY, KEY
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class Candidate:
+    image_id: str
+    score: float
+    served_ts: int
+    version: str | None
+    embedding: list[float] | None
+
+
 class MCDropoutStrategy(Strategy):
-    def __init__(self, reset_s: int = 3600):
+    name = "mc_dropout"
+
+    def __init__(self, reset_s: int = 3600, description: str = "Least certain unlabelled image by Monte Carlo dropout (the paper's dropout at inference)"):
         self.reset_s = reset_s
-        super().__init__("Least certain unlabelled image by Monte Carlo dropout (the paper's dropout at inference)")
+        super().__init__(description)
+
+    def _served_ts(self, info: dict, strategy: str) -> int:
+        return int(info.get("strategy", {}).get(strategy, {}).get("ts", 0))
+
+    def choose(self, fresh: list[Candidate], datastore: Datastore, strategy: str, now: int) -> Candidate:
+        return max(fresh, key=lambda c: c.score)
 
     def __call__(self, request, datastore: Datastore):
         reload = getattr(datastore, "_init_from_datastore_file", None)
@@ -33,7 +62,7 @@ class MCDropoutStrategy(Strategy):
         images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
         if not images:
             return None
-        strategy = request.get("strategy", "mc_dropout")
+        strategy = request.get("strategy", self.name)
         now = int(time.time())
         scored = []
         for image_id in images:
@@ -41,16 +70,48 @@ class MCDropoutStrategy(Strategy):
             score = info.get(KEY)
             if score is None:
                 continue
-            served_ts = info.get("strategy", {}).get(strategy, {}).get("ts", 0)
-            scored.append((image_id, float(score), served_ts, info.get("mc_dropout_version")))
+            scored.append(Candidate(image_id, float(score), self._served_ts(info, strategy), info.get("mc_dropout_version"), info.get(EMBEDDING_KEY)))
         if not scored:
             image_id = random.choice(images)
-            logger.info("mc_dropout: no uncertainty scores yet; random pick %s", image_id)
+            logger.info("%s: no uncertainty scores yet; random pick %s", self.name, image_id)
             return {"id": image_id, KEY: None}
-        fresh = [s for s in scored if now - s[2] >= self.reset_s]
-        if fresh:
-            image_id, score, _, version = max(fresh, key=lambda s: s[1])
-        else:
-            image_id, score, _, version = min(scored, key=lambda s: s[2])
-        logger.info("mc_dropout: next sample %s (score %.5f, model %s; %d scored unlabelled)", image_id, score, version, len(scored))
-        return {"id": image_id, KEY: score, "mc_dropout_version": version}
+        fresh = [c for c in scored if now - c.served_ts >= self.reset_s]
+        pick = self.choose(fresh, datastore, strategy, now) if fresh else min(scored, key=lambda c: c.served_ts)
+        logger.info("%s: next sample %s (score %.5f, model %s; %d scored unlabelled)", self.name, pick.image_id, pick.score, pick.version, len(scored))
+        return {"id": pick.image_id, KEY: pick.score, "mc_dropout_version": pick.version}
+
+
+class MCDropoutDiverseStrategy(MCDropoutStrategy):
+    name = "mc_dropout_diverse"
+
+    def __init__(self, reset_s: int = 3600):
+        super().__init__(
+            reset_s,
+            "Uncertain (Monte Carlo dropout) and unlike the images picked since the last training: "
+            "no near-duplicates in one labelling session",
+        )
+
+    def choose(self, fresh: list[Candidate], datastore: Datastore, strategy: str, now: int) -> Candidate:
+        version = max(fresh, key=lambda c: c.score).version
+        candidates = sorted((c for c in fresh if c.version == version and c.embedding), key=lambda c: -c.score)[:DIVERSITY_POOL]
+        if not candidates:
+            return max(fresh, key=lambda c: c.score)
+        centres = self._picked_since_training(datastore, strategy, version, now)
+        if not centres:
+            return candidates[0]
+        feats = torch.tensor([c.embedding for c in candidates], dtype=torch.float32)
+        return candidates[k_center_greedy(feats, 1, torch.tensor(centres, dtype=torch.float32))[0]]
+
+    def _picked_since_training(self, datastore: Datastore, strategy: str, version: str | None, now: int) -> list[list[float]]:
+        """Embeddings, under the current weights, of images labelled since or handed out recently."""
+        unlabelled = set(datastore.get_unlabeled_images())
+        out = []
+        for image_id in datastore.list_images():
+            info = datastore.get_image_info(image_id)
+            emb = info.get(EMBEDDING_KEY)
+            if not emb or info.get("mc_dropout_version") != version:
+                continue
+            handed_out = now - self._served_ts(info, strategy) < self.reset_s
+            if image_id not in unlabelled or handed_out:
+                out.append(emb)
+        return out

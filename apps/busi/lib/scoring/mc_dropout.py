@@ -12,6 +12,8 @@ info (as MONAI Label's epistemic scoring does):
   ambiguity every image has (aleatoric);
 * ``mc_dropout_entropy``: the predictive entropy (bits) of the averaged probability (total);
 * ``mc_dropout_std``: mean per-pixel standard deviation of the passes;
+* ``mc_dropout_embedding``: 32 numbers of what the network sees of the image (its bottleneck
+  features, randomly projected), so ``mc_dropout_diverse`` can tell near-duplicates apart;
 * ``mc_dropout_version`` / ``mc_dropout_passes`` / ``mc_dropout_ts``: the weights and passes
   the score belongs to. Images already scored for the current weights are skipped, so the
   rescoring MONAI Label triggers after each training, at start and at each Next Sample only
@@ -26,39 +28,46 @@ import os
 import time
 
 import torch
-
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
+
+from busi_monai.active import bottleneck_features, uncertainty_scores
 
 logger = logging.getLogger(__name__)
 
 KEY = "mc_dropout_score"
+EMBEDDING_KEY = "mc_dropout_embedding"
+EMBEDDING_DIM = 32
 CHUNK = 16
 
 
-def _entropy_bits(p: torch.Tensor) -> torch.Tensor:
-    p = p.clamp(1e-6, 1 - 1e-6)
-    return -(p * torch.log2(p) + (1 - p) * torch.log2(1 - p))
+def compact_embedding(features: torch.Tensor) -> torch.Tensor:
+    """Bottleneck features ``(N, C)`` projected to :data:`EMBEDDING_DIM` numbers per image.
+
+    A fixed random projection keeps distances roughly (Johnson-Lindenstrauss) while the
+    datastore file stays small (32 numbers, not the paper network's 512, per image).
+    """
+    g = torch.Generator().manual_seed(features.shape[1])
+    proj = torch.randn(features.shape[1], EMBEDDING_DIM, generator=g) / EMBEDDING_DIM**0.5
+    return torch.nn.functional.normalize(features.float() @ proj, dim=1)
 
 
 def uncertainty(probs: torch.Tensor) -> list[dict]:
-    """Scores of each image from MC probabilities ``(passes, N, 1, S, S)``."""
-    mean = probs.mean(0)
-    total = _entropy_bits(mean)  # (N, 1, S, S)
-    expected = _entropy_bits(probs).mean(0)
-    mi = (total - expected).clamp(min=0)
-    std = probs.std(0)
-    out = []
-    for i in range(probs.shape[1]):
-        out.append(
-            {
-                KEY: float(mi[i].mean()),
-                "mc_dropout_entropy": float(total[i].mean()),
-                "mc_dropout_std": float(std[i].mean()),
-                "mc_dropout_lesion_fraction": float((mean[i] > 0.5).float().mean()),
-            }
-        )
-    return out
+    """Scores of each image from MC probabilities ``(passes, N, 1, S, S)``, as stored in its info.
+
+    The math is :func:`busi_monai.active.uncertainty_scores`, the one ``busi-monai al-simulate``
+    measured, so the app ranks images exactly as the simulation did.
+    """
+    s = uncertainty_scores(probs)
+    return [
+        {
+            KEY: float(s["bald"][i]),
+            "mc_dropout_entropy": float(s["entropy"][i]),
+            "mc_dropout_std": float(s["std"][i]),
+            "mc_dropout_lesion_fraction": float(s["lesion_fraction"][i]),
+        }
+        for i in range(probs.shape[1])
+    ]
 
 
 def store_image_infos(datastore: Datastore, updates: dict[str, dict]) -> None:
@@ -122,7 +131,6 @@ class MCDropoutScoring(ScoringMethod):
 
     def __call__(self, request, datastore: Datastore):
         from busi_monai.io import BusiInputError, read_image
-
         from lib.configs.attention_unet import ModelNotAvailable
 
         passes = int(request.get("mc_passes", self.settings.mc_passes))
@@ -152,11 +160,15 @@ class MCDropoutScoring(ScoringMethod):
             if not images:
                 continue
             probs = predictor.mc_dropout(images, passes)
+            # What the network sees of each image, for the diversity of mc_dropout_diverse's picks.
+            batch = torch.stack([predictor.preprocess(im) for im in images]).to(predictor.device)
+            embeddings = compact_embedding(bottleneck_features(predictor.network, batch)).tolist()
             ts = int(time.time())
             updates = {}
-            for image_id, s in zip(ids, uncertainty(probs)):
+            for image_id, s, emb in zip(ids, uncertainty(probs), embeddings):
                 s = {k: round(v, 8) for k, v in s.items()}
                 s.update(mc_dropout_version=version.version, mc_dropout_passes=passes, mc_dropout_ts=ts)
+                s[EMBEDDING_KEY] = [round(v, 4) for v in emb]
                 updates[image_id] = s
             store_image_infos(datastore, updates)
             result.update(updates)

@@ -1,0 +1,182 @@
+"""Active learning: the strategies pick what they should, and al-simulate writes its curves."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from busi_monai.active import (
+    DEFAULT_STRATEGY,
+    STRATEGIES,
+    diverse_top_k,
+    k_center_greedy,
+    labels_to_reach,
+    select,
+    uncertainty_scores,
+)
+
+
+def _probs(per_image_passes: list[list[float]], size: int = 4) -> torch.Tensor:
+    """(passes, N, 1, S, S) maps, each pass of each image a constant probability."""
+    t = torch.tensor(per_image_passes, dtype=torch.float32).T  # (passes, N)
+    return t[:, :, None, None, None].expand(-1, -1, 1, size, size).clone()
+
+
+def test_bald_ranks_disagreement_above_learned_and_ambiguous_images():
+    probs = _probs([
+        [0.97, 0.96, 0.98, 0.97],  # learned: passes agree, confident
+        [0.05, 0.95, 0.1, 0.9],  # unsure: passes disagree
+        [0.5, 0.5, 0.5, 0.5],  # ambiguous in itself: every pass says 0.5
+    ])
+    s = uncertainty_scores(probs)
+    assert s["bald"][1] > s["bald"][0] and s["bald"][1] > s["bald"][2]
+    assert s["bald"][2] == pytest.approx(0.0, abs=1e-5)  # no disagreement, nothing a label resolves
+    assert s["entropy"][2] == pytest.approx(1.0, abs=1e-4)  # the total entropy ranks the ambiguous one first
+    assert s["entropy"][0] < s["entropy"][1]
+    assert s["lesion_fraction"].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_diversity_never_picks_two_copies_of_one_image():
+    # Rows 0 and 1 are the same image and the two most uncertain; 2 and 3 are distinct.
+    features = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.7, -0.7]]), dim=1)
+    scores = torch.tensor([0.9, 0.9, 0.5, 0.4])
+    picks = diverse_top_k(scores, features, k=2)
+    assert len(picks) == 2 and not {0, 1} <= set(picks)
+    # A near-copy of something already labelled is passed over as well.
+    picks = k_center_greedy(features, 2, centres=features[2:3])
+    assert 2 not in picks and len(set(picks) & {0, 1}) == 1
+
+
+def test_select_with_a_network_on_duplicated_images():
+    from busi_monai.checkpoint import make_checkpoint
+    from busi_monai.inference import Predictor
+    from busi_monai.networks import build_network
+    from busi_monai.presets import get_recipe
+
+    torch.manual_seed(0)
+    recipe = get_recipe("fast").with_overrides(image_size=32)
+    predictor = Predictor(make_checkpoint(build_network("fast"), recipe, "fast"), device="cpu", tta=False)
+    distinct = torch.rand(4, 1, 32, 32)
+    pool = torch.cat([distinct[:1], distinct[:1], distinct[1:]])  # rows 0 and 1 identical
+    for strategy in STRATEGIES:
+        sel = select(strategy, predictor, pool, 2, random.Random(0), labelled_images=distinct[3:], mc_passes=3)
+        assert len(set(sel.indices)) == 2 and all(0 <= i < len(pool) for i in sel.indices)
+        if strategy == "bald_diverse":
+            assert not {0, 1} <= set(sel.indices)
+    assert DEFAULT_STRATEGY in STRATEGIES
+
+
+def test_labels_to_reach_interpolates_between_rounds():
+    assert labels_to_reach([40, 80, 120], [0.4, 0.5, 0.7], 0.6) == pytest.approx(100.0)
+    assert labels_to_reach([40, 80], [0.7, 0.8], 0.6) == 40.0
+    assert labels_to_reach([40, 80], [0.4, 0.5], 0.6) is None
+
+
+def test_al_simulate_writes_curves_json_and_plot(prepared_sample, tmp_path):
+    from busi_monai.cli import main
+
+    out = tmp_path / "al"
+    rc = main([
+        "al-simulate", "--data", str(prepared_sample), "--out", str(out), "--strategy", "random,bald_diverse",
+        "--initial", "6", "--step", "4", "--rounds", "2", "--seeds", "0,1", "--image-size", "32",
+        "--epochs-initial", "2", "--epochs-per-round", "1", "--epochs-full", "1", "--mc-passes", "3", "--device", "cpu",
+    ])
+    assert rc == 0
+    res = json.loads((out / "curves.json").read_text())
+    assert len(res["full"]) == 2 and len(res["runs"]) == 4
+    for run in res["runs"]:
+        assert [p["labels"] for p in run["curve"]] == [6, 10, 14]
+        assert all(0.0 <= p["dice"] <= 1.0 for p in run["curve"])
+        picked = [i for p in run["curve"][1:] for i in p["picked_ids"]]
+        assert len(picked) == len(set(picked)) == 8  # never asks for an image twice
+    # Both strategies start from the same initial model of a seed (paired curves).
+    by_seed = {}
+    for run in res["runs"]:
+        by_seed.setdefault(run["seed"], set()).add(run["curve"][0]["dice"])
+    assert all(len(v) == 1 for v in by_seed.values())
+    summary = res["summary"]
+    assert set(summary["strategies"]) == {"random", "bald_diverse"}
+    assert summary["strategies"]["random"]["labels"] == [6, 10, 14]
+    assert summary["target_dice"] == pytest.approx(0.95 * summary["full_dice"])
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _FakeDatastore:
+    """The few datastore calls the app's strategies make, over a dict of image infos."""
+
+    def __init__(self, infos: dict[str, dict], labelled: set[str]):
+        self.infos, self.labelled = infos, labelled
+
+    def get_unlabeled_images(self, label_tag=None, labels=None):
+        return [k for k in self.infos if k not in self.labelled]
+
+    def list_images(self):
+        return list(self.infos)
+
+    def get_image_info(self, image_id):
+        return self.infos[image_id]
+
+
+def test_app_diverse_strategy_skips_a_near_duplicate_of_a_fresh_label(monkeypatch):
+    import sys
+
+    from busi_monai.active import DIVERSITY_POOL
+
+    app_dir = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "apps" / "busi")
+    monkeypatch.syspath_prepend(app_dir)
+    for m in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:
+        monkeypatch.delitem(sys.modules, m)
+    pytest.importorskip("monailabel")
+    from lib.activelearning.mc_dropout import (
+        MCDropoutDiverseStrategy,
+        MCDropoutStrategy,
+    )
+
+    assert DIVERSITY_POOL >= 2
+    v = "v1"
+    infos = {
+        # "a" was labelled since the current weights; "a_dup" is the same lesion and the most uncertain.
+        "a": {"mc_dropout_score": 0.5, "mc_dropout_version": v, "mc_dropout_embedding": [1.0, 0.0]},
+        "a_dup": {"mc_dropout_score": 0.9, "mc_dropout_version": v, "mc_dropout_embedding": [1.0, 0.0]},
+        "b": {"mc_dropout_score": 0.8, "mc_dropout_version": v, "mc_dropout_embedding": [0.0, 1.0]},
+        "c": {"mc_dropout_score": 0.1, "mc_dropout_version": v, "mc_dropout_embedding": [0.0, -1.0]},
+    }
+    ds = _FakeDatastore(infos, labelled={"a"})
+    assert MCDropoutStrategy()({}, ds)["id"] == "a_dup"  # plain BALD: the top score
+    assert MCDropoutDiverseStrategy()({"strategy": "mc_dropout_diverse"}, ds)["id"] == "b"
+    # Nothing picked since the weights changed: the diverse strategy is plain BALD.
+    ds.labelled = set()
+    infos["a"]["mc_dropout_version"] = "v0"
+    assert MCDropoutDiverseStrategy()({"strategy": "mc_dropout_diverse"}, ds)["id"] == "a_dup"
+
+
+def test_al_merge_combines_parts_run_in_separate_processes(tmp_path):
+    from busi_monai.active import merge_results
+
+    def part(seed, strategies, with_full):
+        runs = [
+            {"seed": seed, "strategy": s, "curve": [{"labels": 10, "dice": 0.3, "normal_fp": 0.5}, {"labels": 20, "dice": 0.6 + 0.1 * (s != "random"), "normal_fp": 0.2}]}
+            for s in strategies
+        ]
+        full = [{"seed": seed, "labels": 50, "dice": 0.7, "normal_fp": 0.1}] if with_full else []
+        config = {"data": "d", "strategies": strategies, "seeds": [seed], "epochs_full": 5 if with_full else None, "image_size": 32,
+                  "preset": "fast", "step": 10, "epochs_initial": 2, "epochs_per_round": 1, "pool_size": 50}
+        path = tmp_path / f"part{seed}.json"
+        path.write_text(json.dumps({"config": config, "full": full, "runs": runs}))
+        return path
+
+    res = merge_results([part(0, ["random", "bald_diverse"], True), part(1, ["random", "bald_diverse", "bald"], False)], tmp_path / "merged")
+    s = res["summary"]
+    assert res["config"]["seeds"] == [0, 1] and res["config"]["strategies"] == ["random", "bald_diverse", "bald"]
+    assert s["strategies"]["random"]["seeds"] == 2 and s["strategies"]["bald"]["seeds"] == 1
+    # 95% of 0.7 = 0.665: random (0.3 -> 0.6) never reaches it; the others (0.3 -> 0.7) by interpolation.
+    assert s["strategies"]["random"]["labels_to_target"] is None
+    assert s["strategies"]["bald_diverse"]["labels_to_target"] == pytest.approx(10 + (0.665 - 0.3) / 0.4 * 10)
+    assert (tmp_path / "merged" / "curves.png").is_file()
+    with pytest.raises(ValueError, match="other settings"):
+        other = part(2, ["random"], False)
+        data = json.loads(other.read_text())
+        data["config"]["image_size"] = 64
+        other.write_text(json.dumps(data))
+        merge_results([tmp_path / "part0.json", other], tmp_path / "bad")
