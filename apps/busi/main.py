@@ -79,7 +79,7 @@ class BusiApp(MONAILabelApp):
         return {NAME: self.task.trainer()}
 
     def init_strategies(self):
-        return {"random": Random(), **self.task.strategy()}
+        return {**self.task.strategy(), "random": Random()}
 
     def init_scoring_methods(self):
         return self.task.scoring_method()
