@@ -59,3 +59,9 @@ def trained_run(prepared_sample, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_model(trained_run) -> Path:
     return trained_run / "model.pt"
+
+
+@pytest.fixture(scope="module")
+def client(app, tmp_path_factory):
+    """A monailabel.client for the module's own ``app`` fixture (server, ...)."""
+    return app[0].client(tmp_path_factory.mktemp("client"))

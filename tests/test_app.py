@@ -70,11 +70,6 @@ def app(sample_dir, trained_model, tmp_path_factory):
         srv.stop()
 
 
-@pytest.fixture(scope="module")
-def client(app, tmp_path_factory):
-    return app[0].client(tmp_path_factory.mktemp("client"))
-
-
 def _objects(client) -> dict:
     return client.datastore()["objects"]
 

@@ -73,11 +73,6 @@ def app(sample_dir, trained_model, tmp_path_factory):
         srv.stop()
 
 
-@pytest.fixture(scope="module")
-def client(app, tmp_path_factory):
-    return app[0].client(tmp_path_factory.mktemp("client"))
-
-
 def _alive(srv):
     r = requests.get(f"{srv.url}/info/", timeout=30)
     assert r.status_code == 200, srv.log_tail(3000)
