@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from app_server import APP_DIR, AppServer  # noqa: E402
+from app_server import AppServer  # noqa: E402
 
 itk = pytest.importorskip("itk")
 pytest.importorskip("monailabel")
@@ -245,29 +245,3 @@ def test_save_label_train_and_use_new_weights(app, client, tmp_path):
     mean_learned = float(np.mean([infos[k]["mc_dropout_score"] for k in learned]))
     mean_unseen = float(np.mean([infos[k]["mc_dropout_score"] for k in unseen]))
     assert mean_unseen > mean_learned, (mean_unseen, mean_learned)
-
-
-def test_training_without_labels_fails_clearly_and_keeps_the_model(sample_dir, trained_model, tmp_path, monkeypatch):
-    """In-process: the trainer raises with the reason and the published model stays as it was."""
-    from monailabel.datastore.local import LocalDatastore
-
-    from busi_monai.serve import DATASTORE_EXTENSIONS, MODEL_FILENAME, publish_model
-    from busi_monai.training import TrainingError
-
-    monkeypatch.syspath_prepend(str(APP_DIR))
-    for m in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:
-        monkeypatch.delitem(sys.modules, m)
-    from lib.configs.attention_unet import AttentionUNet
-
-    studies = tmp_path / "studies"
-    studies.mkdir()
-    shutil.copy(sorted((sample_dir / "benign").glob("* (*).png"))[0], studies / "a.png")
-    model_dir = tmp_path / "model"
-    publish_model(trained_model, model_dir)
-    before = (model_dir / MODEL_FILENAME).read_bytes()
-    cfg = AttentionUNet()
-    cfg.init(MODEL, str(model_dir), {"preset": "fast", "model_dir": str(model_dir)}, None, app_dir=str(APP_DIR))
-    ds = LocalDatastore(str(studies), extensions=DATASTORE_EXTENSIONS, auto_reload=False)
-    with pytest.raises(TrainingError, match="no labelled images"):
-        cfg.trainer()({"max_epochs": 1}, ds)
-    assert (model_dir / MODEL_FILENAME).read_bytes() == before

@@ -603,8 +603,10 @@ def test_training_lock_refuses_a_second_training(app_lib, sample_dir, trained_mo
         with pytest.raises(TrainingError, match="another training"):
             cfg.trainer()({"max_epochs": 1}, ds)
     assert (model_dir / MODEL_FILENAME).read_bytes() == before
-    with pytest.raises(TrainingError, match="no labelled images"):  # the lock is free again
+    # The lock is free again; a training that fails (no labels) says why and keeps the model.
+    with pytest.raises(TrainingError, match="no labelled images"):
         cfg.trainer()({"max_epochs": 1}, ds)
+    assert (model_dir / MODEL_FILENAME).read_bytes() == before
 
 
 # --------------------------------------------------------------------------------------
