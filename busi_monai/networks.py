@@ -13,7 +13,7 @@ parameters for no stated reason.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -32,6 +32,10 @@ class NetworkConfig:
     in_channels: int = 1
     out_channels: int = 1
     deep_supervision: bool = False
+    # An image-level "is there a lesion?" head on the bridge: an image whose presence probability
+    # is below presence_gate gets an empty mask (0 turns the gate off, the head stays).
+    presence_head: bool = False
+    presence_gate: float = 0.5
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,6 +54,10 @@ NETWORKS: dict[str, NetworkConfig] = {
     # Same topology and dropout at a quarter of the width: ~16x fewer FLOPs, for CPU work and tests.
     "fast": NetworkConfig(
         encoder_channels=(16, 32, 64, 128), bridge_channels=128, decoder_channels=(64, 32, 16, 8)
+    ),
+    # Half the width (3.6M parameters): between the two, for the accuracy ablations.
+    "half": NetworkConfig(
+        encoder_channels=(32, 64, 128, 256), bridge_channels=256, decoder_channels=(128, 64, 32, 16)
     ),
     # The paper's network plus deep supervision heads (used by the `best` recipe).
     "best": NetworkConfig(deep_supervision=True),
@@ -83,35 +91,88 @@ class PaperAttentionUNet(nn.Module):
             self.aux_heads = nn.ModuleList(
                 Convolution(2, ch, c.out_channels, kernel_size=1, conv_only=True) for ch in c.decoder_channels[1:3]
             )
+        if c.presence_head:
+            # Average and max pooling: a lesion is local, so the mean alone would dilute it.
+            self.presence = PresenceHead(c.bridge_channels, c.bridge_dropout)
 
-    def forward(self, x: torch.Tensor):
+    def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """Training's view: the mask logit, the deep-supervision logits (training only) and the
+        presence logit (B, 1), each ungated, so that each gets its own loss."""
         skips = []
         for enc in self.encoders:
             x = enc(x)
             skips.append(x)
             x = self.pool(x)
         x = self.bridge(x)
+        presence = self.presence(x) if self.config.presence_head else None
         stages = []
         for up, gate, dec, skip in zip(self.ups, self.gates, self.decoders, reversed(skips)):
             g = up(x)
             x = dec(torch.cat((gate(g=g, x=skip), g), dim=1))
             stages.append(x)
-        out = self.head(x)
-        if self.config.deep_supervision and self.training:
-            aux = [h(s) for h, s in zip(self.aux_heads, stages[1:3])]
-            return [out, *aux]
-        return out
+        aux = [h(s) for h, s in zip(self.aux_heads, stages[1:3])] if self.config.deep_supervision and self.training else []
+        return self.head(x), aux, presence
+
+    def forward(self, x: torch.Tensor):
+        """The lesion logit (gated by the presence head, if any); in training with deep
+        supervision, a list: the logit, then the auxiliary logits."""
+        out, aux, presence = self.forward_parts(x)
+        if presence is not None and self.config.presence_gate > 0:
+            out = gate_logit(out, presence, self.config.presence_gate)
+        return [out, *aux] if aux else out
+
+
+class PresenceHead(nn.Module):
+    """One logit per image for "a lesion is present", from the bridge features."""
+
+    def __init__(self, channels: int, dropout: float):
+        super().__init__()
+        self.avg, self.max = nn.AdaptiveAvgPool2d(1), nn.AdaptiveMaxPool2d(1)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(2 * channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat((self.avg(x), self.max(x)), dim=1).flatten(1)
+        return self.fc(self.drop(pooled))
+
+
+GATED_LOGIT = -20.0  # what a gated-off image's pixels get: a probability of 2e-9
+
+
+def gate_logit(mask_logit: torch.Tensor, presence_logit: torch.Tensor, gate: float) -> torch.Tensor:
+    """The mask logit where the image's presence probability reaches ``gate``, background elsewhere."""
+    keep = torch.sigmoid(presence_logit.float()).view(-1, 1, 1, 1) >= gate
+    return torch.where(keep, mask_logit.float(), torch.full_like(mask_logit, GATED_LOGIT, dtype=torch.float32))
+
+
+NETWORK_OPTIONS = {"ds": "deep_supervision", "presence": "presence_head"}
+
+
+def network_config(spec: str) -> NetworkConfig:
+    """A named network, optionally with options switched on or off: ``fast+presence``,
+    ``best-ds`` (the options: ``ds`` deep supervision, ``presence`` the presence head)."""
+    import re
+
+    name, *changes = re.split(r"(?=[+-])", spec)
+    if name not in NETWORKS:
+        raise ValueError(f"unknown network {name!r}; choose one of {', '.join(NETWORKS)}")
+    cfg = NETWORKS[name]
+    for change in changes:
+        option = NETWORK_OPTIONS.get(change[1:])
+        if option is None:
+            raise ValueError(f"unknown network option {change[1:]!r} in {spec!r}; options: {', '.join(NETWORK_OPTIONS)}")
+        cfg = replace(cfg, **{option: change[0] == "+"})
+    return cfg
 
 
 def build_network(preset: str | NetworkConfig | dict = "paper") -> PaperAttentionUNet:
-    """The network of a preset (``paper``, ``fast``, ``best``) or of an explicit config."""
+    """The network of a preset (``paper``, ``fast``, ``best``, with options as
+    :func:`network_config` reads them) or of an explicit config."""
     if isinstance(preset, NetworkConfig):
         return PaperAttentionUNet(preset)
     if isinstance(preset, dict):
         return PaperAttentionUNet(NetworkConfig.from_dict(preset))
-    if preset not in NETWORKS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(NETWORKS)}")
-    return PaperAttentionUNet(NETWORKS[preset])
+    return PaperAttentionUNet(network_config(preset))
 
 
 class AveragedNetwork(nn.Module):
