@@ -19,8 +19,9 @@ def atomic_torch_save(obj, path: str | Path) -> None:
         torch.save(obj, tmp)
 
 
-def make_checkpoint(model: PaperAttentionUNet, recipe: Recipe, preset: str, **extra) -> dict:
-    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+def make_checkpoint(model: PaperAttentionUNet, recipe: Recipe, preset: str, state_dict: dict | None = None, **extra) -> dict:
+    """``state_dict`` (on the CPU) stands in for the model's current weights, e.g. earlier best ones."""
+    state = state_dict if state_dict is not None else {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
     return {
         "format": "busi-monai/1",
         "busi_monai_version": __version__,

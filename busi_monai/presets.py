@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, replace
 
 @dataclass(frozen=True)
 class Recipe:
-    network: str  # key of networks.NETWORKS
+    network: str  # networks.network_config spec: a key of networks.NETWORKS, e.g. "fast+presence"
     image_size: int = 256
     epochs: int = 50
     batch_size: int = 4
@@ -22,6 +22,10 @@ class Recipe:
     val_fraction: float = 0.1  # carved, by duplicate group, from the training split
     threshold: float = 0.5
     tta: bool = False
+    # Decay of the exponential moving average of the weights that is validated and saved (0: off).
+    ema_decay: float = 0.0
+    # Weight of the presence head's BCE beside the mask loss (networks with "+presence").
+    presence_weight: float = 0.5
 
     def to_dict(self) -> dict:
         return asdict(self)
