@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -56,7 +57,11 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict, device="cpu") -> PaperAttentionUNet:
-    net = build_network(NetworkConfig.from_dict(ckpt["network"]))
+def model_from_checkpoint(ckpt: dict, device="cpu", presence_gate: float | None = None) -> PaperAttentionUNet:
+    """The checkpoint's network in eval mode; ``presence_gate`` overrides its presence gate."""
+    config = NetworkConfig.from_dict(ckpt["network"])
+    if presence_gate is not None:
+        config = replace(config, presence_gate=float(presence_gate))
+    net = build_network(config)
     net.load_state_dict(ckpt["state_dict"])
     return net.to(device).eval()

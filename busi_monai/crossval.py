@@ -70,6 +70,7 @@ def cross_validate(
     overrides: dict | None = None,
     compile_model: bool = False,
     jobs: int = 1,
+    skip_training: bool = False,
 ) -> dict:
     """Train and score each fold, then summarise every ``fold*/fold.json`` found in ``out``.
 
@@ -82,16 +83,19 @@ def cross_validate(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     wanted = [f for f in range(folds) if only_folds is None or f in only_folds]
-    if jobs > 1 and len(wanted) > 1:
+    if skip_training:
+        wanted = []
+    elif jobs > 1 and len(wanted) > 1:
         _run_fold_processes(data, out, preset, folds, recipe, device, seed, wanted, compile_model, jobs, progress)
     else:
         _train_folds(data, out, preset, folds, recipe, device, seed, wanted, compile_model, progress)
+    if only_folds is None and all((out / f"fold{f}" / "model.pt").is_file() for f in range(folds)):
+        choose_presence_gate(data, out, folds, seed, recipe, device, progress)
     return summarize_folds(out, preset, recipe)
 
 
-def _train_folds(data, out: Path, preset, folds, recipe, device, seed, wanted, compile_model, progress) -> None:
-    from .checkpoint import load_checkpoint, model_from_checkpoint
-
+def _training_data(data, recipe, progress: bool) -> CachedData:
+    """The training split of a pack or prepared dataset at the recipe's size."""
     data = Path(data)
     if data.suffix == ".npz":
         pack = load_pack(data)
@@ -101,6 +105,13 @@ def _train_folds(data, out: Path, preset, folds, recipe, device, seed, wanted, c
         cached = cache_items(load_datalist(data)["training"], recipe.image_size, progress)
     if cached.images.shape[-1] != recipe.image_size:
         raise TrainingError(f"{data}: pack is {cached.images.shape[-1]}px, recipe wants {recipe.image_size}px")
+    return cached
+
+
+def _train_folds(data, out: Path, preset, folds, recipe, device, seed, wanted, compile_model, progress) -> None:
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+
+    cached = _training_data(data, recipe, progress)
     fold_idx = grouped_stratified_folds(cached.items, folds, seed)
     dev = resolve_device(device)
     for f in wanted:
@@ -159,6 +170,65 @@ def _run_fold_processes(data, out: Path, preset, folds, recipe, device, seed, wa
         raise TrainingError(f"cv folds {failed} failed; see {out}/fold*/train.log")
 
 
+GATES = tuple(round(0.05 * i, 2) for i in range(20))
+
+
+def choose_presence_gate(data, out: Path, folds: int, seed: int, recipe, device: str = "auto", progress: bool = True) -> dict | None:
+    """Set the folds' presence gate to the one that scores best on the held-out folds.
+
+    Each fold's model sees its own held-out images (never trained on, never used to select its
+    epoch); the held-out score is the selection score of training (lesion Dice, 1 for an empty
+    mask on a normal image), pooled over every training image once, at network resolution.
+    Writes ``presence_gate.json`` (the whole curve) and the chosen gate into each
+    ``fold*/model.pt``. Returns None for a network without a presence head.
+    """
+    import dataclasses
+
+    import torch
+
+    from .checkpoint import atomic_torch_save, load_checkpoint, model_from_checkpoint
+
+    paths = [Path(out) / f"fold{f}" / "model.pt" for f in range(folds)]
+    checkpoints = [load_checkpoint(p) for p in paths]
+    if not all(ck["network"].get("presence_head") for ck in checkpoints):
+        return None
+    cached = _training_data(data, recipe, progress)
+    dev = resolve_device(device)
+    presence, dice, nonempty, lesion = [], [], [], []
+    for ck, held in zip(checkpoints, grouped_stratified_folds(cached.items, folds, seed)):
+        net = model_from_checkpoint(ck, dev)
+        with torch.no_grad():
+            for i in range(0, len(held), 16):
+                rows = held[i : i + 16]
+                seg, _, pres = net.forward_parts(cached.images[rows].to(dev))
+                pred = (torch.sigmoid(seg.float()) > recipe.threshold).float().flatten(1).cpu()
+                truth = cached.labels[rows].flatten(1)
+                inter, sums = (pred * truth).sum(1), pred.sum(1) + truth.sum(1)
+                presence += torch.sigmoid(pres.float()).flatten().cpu().tolist()
+                dice += (2 * inter / sums.clamp(min=1)).tolist()
+                nonempty += (pred.sum(1) > 0).tolist()
+                lesion += (truth.sum(1) > 0).tolist()
+    p, d, ne, les = (np.asarray(v, dtype=float) for v in (presence, dice, nonempty, lesion))
+    les = les.astype(bool)
+    curve = []
+    for g in GATES:
+        kept = p >= g
+        per_image = np.where(les, d * kept, 1.0 - ne * kept)
+        curve.append({
+            "gate": g, "score": float(per_image.mean()), "lesion_dice": float(per_image[les].mean()),
+            "normal_fp": float((ne * kept)[~les].mean()), "lesions_gated_off": int((les & ~kept).sum()),
+        })  # fmt: skip
+    chosen = max(curve, key=lambda c: (round(c["score"], 6), -c["gate"]))
+    result = {"chosen": chosen["gate"], "n_images": len(p), "curve": curve}
+    write_json(result, Path(out) / "presence_gate.json")
+    for ck, path in zip(checkpoints, paths):
+        ck["network"] = dataclasses.replace(
+            model_from_checkpoint(ck).config, presence_gate=chosen["gate"]
+        ).to_dict()
+        atomic_torch_save(ck, path)
+    return result
+
+
 def summarize_folds(out: Path, preset: str, recipe) -> dict:
     results = []
     for path in sorted(Path(out).glob("fold*/fold.json")):
@@ -172,6 +242,9 @@ def summarize_folds(out: Path, preset: str, recipe) -> dict:
     summary = {"preset": preset, "recipe": recipe.to_dict(), "folds": results}
     for key in ("held_out_dice", "held_out_normal_fp", "held_out_score"):
         summary[f"{key}_mean"], summary[f"{key}_std"] = stats(key)
+    gate = Path(out) / "presence_gate.json"
+    if gate.is_file():
+        summary["presence_gate"] = json.loads(gate.read_text())
     summary["note"] = (
         f"held-out fold metrics at network resolution ({recipe.image_size}x{recipe.image_size}); test-split metrics "
         "at full size via `busi-monai evaluate --model CVDIR`"
@@ -196,12 +269,14 @@ def register_cli(sub) -> None:
     s.add_argument("--jobs", type=int, default=1, help="folds trained at once, each in its own process (a GPU has room for several)")
     s.add_argument("--compile", action="store_true", help="torch.compile the training step (CUDA graphs on a GPU)")
     s.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a recipe field, as for train")
+    s.add_argument("--skip-training", action="store_true", help="only summarise the folds already in --out (held-out scores, presence gate)")
 
     def run(a):
         only = [int(x) for x in a.only_folds.split(",")] if a.only_folds else None
         res = cross_validate(
             a.data, a.out, a.preset, a.folds, a.epochs, a.image_size, a.device, a.seed, only_folds=only,
             overrides=dict(Recipe.parse_override(t) for t in a.set), compile_model=a.compile, jobs=a.jobs,
+            skip_training=a.skip_training,
         )  # fmt: skip
         print(json.dumps(res, indent=2))
 

@@ -58,3 +58,44 @@ def test_best_preset_deep_supervision_only_in_training():
     net.eval()
     with torch.no_grad():
         assert net(x).shape == (1, 1, 128, 128)
+
+
+def test_network_specs_switch_options():
+    from busi_monai.networks import network_config
+
+    cfg = network_config("fast+presence-ds")
+    assert cfg.presence_head and not cfg.deep_supervision and cfg.encoder_channels == (16, 32, 64, 128)
+    assert network_config("best-ds").deep_supervision is False
+    assert network_config("half").encoder_channels == (32, 64, 128, 256)
+    for bad, message in (("fast+dropout", "unknown network option 'dropout'"), ("wide", "unknown network 'wide'")):
+        try:
+            network_config(bad)
+        except ValueError as e:
+            assert message in str(e)
+        else:
+            raise AssertionError(f"{bad!r} was accepted")
+
+
+def test_presence_gate_empties_only_the_images_it_rejects():
+    from busi_monai.networks import GATED_LOGIT
+
+    torch.manual_seed(0)
+    net = build_network("fast+presence").eval()
+    x = torch.rand(4, 1, 64, 64)
+    with torch.no_grad():
+        # A head that says "lesion" for the first two images and "no lesion" for the others.
+        net.presence.fc.weight.zero_()
+        net.presence.fc.bias.fill_(0.0)
+        seg, aux, presence = net.forward_parts(x)
+        assert aux == [] and presence.shape == (4, 1)
+        shift = torch.tensor([3.0, 3.0, -3.0, -3.0])
+        net.presence.fc.register_forward_hook(lambda m, i, o: o + shift[:, None])
+        out = net(x)
+    assert torch.equal(out[:2], seg[:2])
+    assert (out[2:] == GATED_LOGIT).all()
+    # Gate 0 switches the gate off: the mask logits pass through whatever the head says.
+    from dataclasses import replace
+
+    net.config = replace(net.config, presence_gate=0.0)
+    with torch.no_grad():
+        assert torch.equal(net(x), seg)

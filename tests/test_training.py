@@ -64,3 +64,63 @@ def test_training_without_labels_says_why(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"training": [], "test": []}))
     with pytest.raises(TrainingError, match="no labelled images"):
         train_dataset(tmp_path, tmp_path / "run", preset="fast", epochs=1, device="cpu", progress=False)
+
+
+def _sample_data(prepared_sample, size=32):
+    from busi_monai.training import cache_items, split_validation
+
+    tr, va = split_validation(load_datalist(prepared_sample)["training"], 0.2, 0)
+    return cache_items(tr, size, progress=False), cache_items(va, size, progress=False)
+
+
+def test_checkpoints_are_paced_and_model_pt_holds_the_best_epoch(prepared_sample, tmp_path):
+    from busi_monai.presets import get_recipe
+    from busi_monai.training import fit
+
+    train, val = _sample_data(prepared_sample)
+    recipe = get_recipe("fast").with_overrides(epochs=4, image_size=32, loss="dice_bce", learning_rate=3e-3)
+    every = fit(train, val, tmp_path / "every", "fast", recipe, "cpu", progress=False, checkpoint_overhead=1.0)
+    assert every["checkpoint_writes"] == 4
+    # A negligible allowance: only the first and the last epoch are written.
+    paced = fit(train, val, tmp_path / "paced", "fast", recipe, "cpu", progress=False, checkpoint_overhead=1e-9)
+    assert paced["checkpoint_writes"] == 2
+    for run in ("every", "paced"):
+        history = json.loads((tmp_path / run / "history.json").read_text())
+        assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+        best = max(history, key=lambda h: h["val_score"])
+        ck = load_checkpoint(tmp_path / run / "model.pt")
+        assert ck["epoch"] + 1 == best["epoch"] and ck["best_val_score"] == best["val_score"]
+        assert load_checkpoint(tmp_path / run / "last.pt")["epoch"] == 3
+    # The paced run trained the same way: pacing changes what is written, not what is learnt.
+    same = json.loads((tmp_path / "every" / "history.json").read_text())
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in same], rel=1e-4)
+
+
+def test_ema_and_presence_head_train_and_resume(prepared_sample, tmp_path):
+    kw = dict(preset="fast", image_size=32, device="cpu", progress=False, overrides={"network": "fast+presence", "ema_decay": 0.9})
+    train_dataset(prepared_sample, tmp_path, epochs=2, **kw)
+    first = json.loads((tmp_path / "history.json").read_text())
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert {"ema_state", "train_state_dict"} <= set(last) and last["network"]["presence_head"]
+    # What is saved (and served) is the average, not the last step's weights.
+    assert any(not torch.equal(last["state_dict"][k], last["train_state_dict"][k]) for k in last["state_dict"])
+    train_dataset(prepared_sample, tmp_path, epochs=3, resume=True, **kw)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3] and history[:2] == first
+    assert "presence.fc.weight" in load_checkpoint(tmp_path / "model.pt")["state_dict"]
+
+
+def test_pack_round_trip_is_lossless(prepared_sample, tmp_path):
+    from busi_monai.io import read_image, read_mask
+    from busi_monai.training import cache_items, load_pack, load_pack_originals, save_pack
+
+    items = load_datalist(prepared_sample)["test"]
+    data = cache_items(items, 64, progress=False)
+    originals = [(read_image(it["image"]).array, read_mask(it["label"])) for it in items]
+    save_pack(data, tmp_path / "p.npz", originals)
+    back = load_pack(tmp_path / "p.npz")
+    # 8-bit storage: the images come back to within half a grey level, the masks exactly.
+    assert torch.allclose(back.images, data.images, atol=0.5 / 255 + 1e-6)
+    assert torch.equal(back.labels, data.labels) and len(back.items) == len(items)
+    for (img, mask), (img2, mask2) in zip(originals, load_pack_originals(tmp_path / "p.npz")):
+        assert np.array_equal(np.clip(np.round(img), 0, 255), img2) and np.array_equal(mask, mask2)

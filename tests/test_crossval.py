@@ -1,0 +1,58 @@
+"""`busi-monai cv`: grouped folds, folds trained side by side, the presence gate chosen on
+held-out folds and the folds served as one ensemble."""
+
+import json
+from collections import Counter
+
+from busi_monai.checkpoint import load_checkpoint
+from busi_monai.crossval import GATES, grouped_stratified_folds
+from busi_monai.training import load_datalist
+
+
+def test_folds_keep_groups_whole_and_spread_classes(prepared_sample):
+    items, seen = [], Counter()
+    for it in load_datalist(prepared_sample)["training"]:  # pairs of "near-duplicates" within a class
+        items.append(dict(it, group=f"{it['class']}{seen[it['class']] // 2}"))
+        seen[it["class"]] += 1
+    folds = grouped_stratified_folds(items, 3, seed=0)
+    assert sorted(i for f in folds for i in f) == list(range(len(items)))
+    fold_of = {i: k for k, f in enumerate(folds) for i in f}
+    for group in {it["group"] for it in items}:
+        assert len({fold_of[i] for i, it in enumerate(items) if it["group"] == group}) == 1, f"{group} straddles folds"
+    for cls in {it["class"] for it in items}:
+        counts = [sum(items[i]["class"] == cls for i in f) for f in folds]
+        assert max(counts) - min(counts) <= 2, (cls, counts)
+
+
+def test_cv_side_by_side_chooses_a_presence_gate_and_serves_the_ensemble(prepared_sample, tmp_path):
+    from busi_monai.cli import main
+
+    out = tmp_path / "cv"
+    args = ["cv", "--data", str(prepared_sample), "--preset", "fast", "--folds", "2", "--epochs", "2", "--image-size", "32"]
+    args += ["--device", "cpu", "--jobs", "2", "--out", str(out), "--set", "network=fast+presence", "--set", "loss=dice_bce"]
+    assert main(args) == 0
+    cv = json.loads((out / "cv.json").read_text())
+    assert [f["fold"] for f in cv["folds"]] == [0, 1]
+    n_train = len(load_datalist(prepared_sample)["training"])
+    assert sum(f["n_held_out"] for f in cv["folds"]) == n_train
+    # Each fold ran in its own process and logged there.
+    assert all((out / f"fold{f}" / "train.log").is_file() for f in (0, 1))
+
+    gate = json.loads((out / "presence_gate.json").read_text())
+    assert gate["n_images"] == n_train and [c["gate"] for c in gate["curve"]] == list(GATES)
+    best = max(c["score"] for c in gate["curve"])
+    assert gate["chosen"] in GATES and next(c for c in gate["curve"] if c["gate"] == gate["chosen"])["score"] == best
+    # Gate 0 keeps every image: nothing is gated off.
+    assert gate["curve"][0]["lesions_gated_off"] == 0
+    for f in (0, 1):
+        assert load_checkpoint(out / f"fold{f}" / "model.pt")["network"]["presence_gate"] == gate["chosen"]
+    assert cv["presence_gate"]["chosen"] == gate["chosen"]
+
+    metrics = tmp_path / "metrics.json"
+    assert main(["evaluate", "--model", str(out), "--data", str(prepared_sample), "--out", str(metrics), "--device", "cpu"]) == 0
+    assert json.loads(metrics.read_text())["model"] == ["model.pt", "model.pt"]
+
+    # --skip-training summarises what is there again, without training.
+    mtime = (out / "fold0" / "history.json").stat().st_mtime
+    assert main([*args, "--skip-training"]) == 0
+    assert (out / "fold0" / "history.json").stat().st_mtime == mtime
