@@ -90,7 +90,7 @@ def cross_validate(
     else:
         _train_folds(data, out, preset, folds, recipe, device, seed, wanted, compile_model, progress)
     if only_folds is None and all((out / f"fold{f}" / "model.pt").is_file() for f in range(folds)):
-        choose_presence_gate(data, out, folds, seed, recipe, device, progress)
+        choose_gate(data, out, folds, seed, recipe, device, progress)
     return summarize_folds(out, preset, recipe)
 
 
@@ -170,61 +170,77 @@ def _run_fold_processes(data, out: Path, preset, folds, recipe, device, seed, wa
         raise TrainingError(f"cv folds {failed} failed; see {out}/fold*/train.log")
 
 
-GATES = tuple(round(0.05 * i, 2) for i in range(20))
+# Gates tried: a presence probability can sit anywhere; the highest pixel probability of an image
+# with any outline is above the 0.5 threshold already, so its gate starts there.
+GATES = {
+    "confidence": (0.0, *(round(0.5 + 0.05 * i, 2) for i in range(10)), 0.975, 0.99),
+    "presence": tuple(round(0.05 * i, 2) for i in range(20)),
+}
 
 
-def choose_presence_gate(data, out: Path, folds: int, seed: int, recipe, device: str = "auto", progress: bool = True) -> dict | None:
-    """Set the folds' presence gate to the one that scores best on the held-out folds.
+def choose_gate(data, out: Path, folds: int, seed: int, recipe, device: str = "auto", progress: bool = True) -> dict:
+    """Set the folds' gate to the one that scores best on the held-out folds.
 
     Each fold's model sees its own held-out images (never trained on, never used to select its
-    epoch); the held-out score is the selection score of training (lesion Dice, 1 for an empty
-    mask on a normal image), pooled over every training image once, at network resolution.
-    Writes ``presence_gate.json`` (the whole curve) and the chosen gate into each
-    ``fold*/model.pt``. Returns None for a network without a presence head.
+    epoch); the score is training's selection score (lesion Dice, 1 for an empty mask on a
+    normal image) pooled over every training image once, at network resolution. Two gates are
+    tried: the image's highest lesion probability (any network) and the presence head's
+    probability (networks with one). Writes ``gate.json`` and ``gate.png`` (the curves) and the
+    chosen gate into each ``fold*/model.pt``, the other gate off.
     """
     import dataclasses
 
     import torch
 
     from .checkpoint import atomic_torch_save, load_checkpoint, model_from_checkpoint
+    from .report import gate_plot
 
     paths = [Path(out) / f"fold{f}" / "model.pt" for f in range(folds)]
     checkpoints = [load_checkpoint(p) for p in paths]
-    if not all(ck["network"].get("presence_head") for ck in checkpoints):
-        return None
+    has_head = all(ck["network"].get("presence_head") for ck in checkpoints)
     cached = _training_data(data, recipe, progress)
     dev = resolve_device(device)
-    presence, dice, nonempty, lesion = [], [], [], []
+    stats: dict[str, list] = {"confidence": [], "presence": [], "dice": [], "nonempty": [], "lesion": []}
     for ck, held in zip(checkpoints, grouped_stratified_folds(cached.items, folds, seed)):
         net = model_from_checkpoint(ck, dev)
         with torch.no_grad():
             for i in range(0, len(held), 16):
                 rows = held[i : i + 16]
                 seg, _, pres = net.forward_parts(cached.images[rows].to(dev))
-                pred = (torch.sigmoid(seg.float()) > recipe.threshold).float().flatten(1).cpu()
+                prob = torch.sigmoid(seg.float()).flatten(1).cpu()
+                pred = (prob > recipe.threshold).float()
                 truth = cached.labels[rows].flatten(1)
-                inter, sums = (pred * truth).sum(1), pred.sum(1) + truth.sum(1)
-                presence += torch.sigmoid(pres.float()).flatten().cpu().tolist()
-                dice += (2 * inter / sums.clamp(min=1)).tolist()
-                nonempty += (pred.sum(1) > 0).tolist()
-                lesion += (truth.sum(1) > 0).tolist()
-    p, d, ne, les = (np.asarray(v, dtype=float) for v in (presence, dice, nonempty, lesion))
-    les = les.astype(bool)
-    curve = []
-    for g in GATES:
-        kept = p >= g
-        per_image = np.where(les, d * kept, 1.0 - ne * kept)
-        curve.append({
-            "gate": g, "score": float(per_image.mean()), "lesion_dice": float(per_image[les].mean()),
-            "normal_fp": float((ne * kept)[~les].mean()), "lesions_gated_off": int((les & ~kept).sum()),
-        })  # fmt: skip
-    chosen = max(curve, key=lambda c: (round(c["score"], 6), -c["gate"]))
-    result = {"chosen": chosen["gate"], "n_images": len(p), "curve": curve}
-    write_json(result, Path(out) / "presence_gate.json")
+                stats["confidence"] += prob.amax(1).tolist()
+                if has_head:
+                    stats["presence"] += torch.sigmoid(pres.float()).flatten().cpu().tolist()
+                stats["dice"] += (2 * (pred * truth).sum(1) / (pred.sum(1) + truth.sum(1)).clamp(min=1)).tolist()
+                stats["nonempty"] += (pred.sum(1) > 0).tolist()
+                stats["lesion"] += (truth.sum(1) > 0).tolist()
+    d, ne = np.asarray(stats["dice"]), np.asarray(stats["nonempty"], dtype=float)
+    les = np.asarray(stats["lesion"], dtype=bool)
+    curves = {}
+    for signal in ("confidence", "presence") if has_head else ("confidence",):
+        p = np.asarray(stats[signal])
+        curves[signal] = []
+        for g in GATES[signal]:
+            kept = p >= g
+            per_image = np.where(les, d * kept, 1.0 - ne * kept)
+            curves[signal].append({
+                "gate": g, "score": float(per_image.mean()), "lesion_dice": float(per_image[les].mean()),
+                "normal_fp": float((ne * kept)[~les].mean()), "lesions_gated_off": int((les & ~kept).sum()),
+            })  # fmt: skip
+    # The best score; on a tie the confidence gate (no head needed), then the lower gate.
+    signal, best = max(
+        ((s, c) for s, cs in curves.items() for c in cs), key=lambda sc: (round(sc[1]["score"], 6), sc[0] == "confidence", -sc[1]["gate"])
+    )
+    result = {"chosen": {"signal": signal, "gate": best["gate"]}, "n_images": len(d), "curves": curves}
+    write_json(result, Path(out) / "gate.json")
+    gate_plot(result, Path(out) / "gate.png")
+    gates = {"confidence_gate": best["gate"] if signal == "confidence" else 0.0}
+    if has_head:
+        gates["presence_gate"] = best["gate"] if signal == "presence" else 0.0
     for ck, path in zip(checkpoints, paths):
-        ck["network"] = dataclasses.replace(
-            model_from_checkpoint(ck).config, presence_gate=chosen["gate"]
-        ).to_dict()
+        ck["network"] = dataclasses.replace(model_from_checkpoint(ck).config, **gates).to_dict()
         atomic_torch_save(ck, path)
     return result
 
@@ -242,9 +258,9 @@ def summarize_folds(out: Path, preset: str, recipe) -> dict:
     summary = {"preset": preset, "recipe": recipe.to_dict(), "folds": results}
     for key in ("held_out_dice", "held_out_normal_fp", "held_out_score"):
         summary[f"{key}_mean"], summary[f"{key}_std"] = stats(key)
-    gate = Path(out) / "presence_gate.json"
+    gate = Path(out) / "gate.json"
     if gate.is_file():
-        summary["presence_gate"] = json.loads(gate.read_text())
+        summary["gate"] = json.loads(gate.read_text())
     summary["note"] = (
         f"held-out fold metrics at network resolution ({recipe.image_size}x{recipe.image_size}); test-split metrics "
         "at full size via `busi-monai evaluate --model CVDIR`"
@@ -269,7 +285,7 @@ def register_cli(sub) -> None:
     s.add_argument("--jobs", type=int, default=1, help="folds trained at once, each in its own process (a GPU has room for several)")
     s.add_argument("--compile", action="store_true", help="torch.compile the training step (CUDA graphs on a GPU)")
     s.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a recipe field, as for train")
-    s.add_argument("--skip-training", action="store_true", help="only summarise the folds already in --out (held-out scores, presence gate)")
+    s.add_argument("--skip-training", action="store_true", help="only summarise the folds already in --out (held-out scores, the gate)")
 
     def run(a):
         only = [int(x) for x in a.only_folds.split(",")] if a.only_folds else None

@@ -14,6 +14,8 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou, get_confusion_matrix
 
 LESION_KEYS = ("dice", "iou", "precision", "recall", "hd95")
+# Lesion size as a share of the image; on the shared BUSI copy the quartiles are about 2%, 4.5% and 9.5%.
+LESION_SIZES = (("small (<2% of the image)", 0.0, 0.02), ("medium (2-8%)", 0.02, 0.08), ("large (>=8%)", 0.08, 1.01))
 
 
 def image_metrics(pred: np.ndarray, truth: np.ndarray) -> dict:
@@ -28,6 +30,7 @@ def image_metrics(pred: np.ndarray, truth: np.ndarray) -> dict:
         "pixel_accuracy": float((p == t).float().mean()),
         "lesion_area": int(t.sum()),
         "predicted_area": int(p.sum()),
+        "lesion_fraction": float(t.mean()),
     }
     if has_lesion:
         with warnings.catch_warnings():
@@ -66,6 +69,13 @@ def summarize(records: list[dict]) -> dict:
         "pixel_accuracy": _mean(r["pixel_accuracy"] for r in records),
         "normal_false_positive_rate": (sum(r["predicted_lesion"] for r in normal) / len(normal)) if normal else None,
     }
+    out["per_size"] = {}
+    for name, lo, hi in LESION_SIZES:
+        sub = [r for r in lesion if lo <= r.get("lesion_fraction", 0.0) < hi]
+        if sub:
+            out["per_size"][name] = {
+                "n": len(sub), "dice": _mean(r.get("dice") for r in sub), "missed": sum(not r["predicted_lesion"] for r in sub),
+            }  # fmt: skip
     classes = sorted({r["class"] for r in records if r.get("class")})
     if classes:
         out["per_class"] = {}

@@ -36,6 +36,9 @@ class NetworkConfig:
     # is below presence_gate gets an empty mask (0 turns the gate off, the head stays).
     presence_head: bool = False
     presence_gate: float = 0.5
+    # At inference, an image whose highest lesion probability is below confidence_gate gets an
+    # empty mask (0: off). The threshold still draws the outline; this decides whether there is one.
+    confidence_gate: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,8 +120,11 @@ class PaperAttentionUNet(nn.Module):
         """The lesion logit (gated by the presence head, if any); in training with deep
         supervision, a list: the logit, then the auxiliary logits."""
         out, aux, presence = self.forward_parts(x)
-        if presence is not None and self.config.presence_gate > 0:
-            out = gate_logit(out, presence, self.config.presence_gate)
+        if not self.training:  # the gates are inference's decisions; training sees every logit
+            if presence is not None and self.config.presence_gate > 0:
+                out = gate_logit(out, torch.sigmoid(presence.float()), self.config.presence_gate)
+            if self.config.confidence_gate > 0:
+                out = gate_logit(out, torch.sigmoid(out.float()).amax(dim=(-2, -1)), self.config.confidence_gate)
         return [out, *aux] if aux else out
 
 
@@ -139,9 +145,9 @@ class PresenceHead(nn.Module):
 GATED_LOGIT = -20.0  # what a gated-off image's pixels get: a probability of 2e-9
 
 
-def gate_logit(mask_logit: torch.Tensor, presence_logit: torch.Tensor, gate: float) -> torch.Tensor:
-    """The mask logit where the image's presence probability reaches ``gate``, background elsewhere."""
-    keep = torch.sigmoid(presence_logit.float()).view(-1, 1, 1, 1) >= gate
+def gate_logit(mask_logit: torch.Tensor, image_probability: torch.Tensor, gate: float) -> torch.Tensor:
+    """The mask logit of the images whose lesion probability reaches ``gate``; background elsewhere."""
+    keep = image_probability.view(-1, 1, 1, 1) >= gate
     return torch.where(keep, mask_logit.float(), torch.full_like(mask_logit, GATED_LOGIT, dtype=torch.float32))
 
 

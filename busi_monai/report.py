@@ -100,10 +100,15 @@ def training_curves(history: list[dict], path: Path) -> None:
     fp = [h.get("val_normal_fp") for h in history]
     if any(v is not None for v in fp):
         axes[1].plot(ep, [np.nan if v is None else v for v in fp], "s--", ms=3, color="C3", label="val normal FP rate")
-    if any(v is not None for v in vd):
-        best = int(np.nanargmax([np.nan if v is None else v for v in vd]))
+    score = [h.get("val_score") for h in history]
+    if any(v is not None for v in score):
+        axes[1].plot(ep, [np.nan if v is None else v for v in score], "-", lw=1, color="0.4", label="val score (selects the model)")
+    # Mark the epoch that was kept: the best selection score (runs before it existed: the best Dice).
+    chosen = score if any(v is not None for v in score) else vd
+    if any(v is not None for v in chosen):
+        best = int(np.nanargmax([np.nan if v is None else v for v in chosen]))
         axes[1].axvline(ep[best], color="0.6", lw=0.8, ls=":")
-        axes[1].annotate(f"best {vd[best]:.3f} (epoch {ep[best]})", (ep[best], vd[best]), fontsize=8, xytext=(4, -12), textcoords="offset points")
+        axes[1].annotate(f"kept: epoch {ep[best]}, Dice {vd[best]:.3f}", (ep[best], vd[best]), fontsize=8, xytext=(4, -12), textcoords="offset points")
     axes[1].set_ylim(-0.02, 1.02)
     axes[1].set_title("validation")
     axes[1].legend(fontsize=8, loc="lower right")
@@ -115,6 +120,31 @@ def training_curves(history: list[dict], path: Path) -> None:
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def gate_plot(result: dict, path: Path) -> None:
+    """Held-out lesion Dice, normal false-positive rate and score against each gate."""
+    plt = _plt()
+    curves = result["curves"]
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.5), squeeze=False)
+    labels = {"confidence": "highest lesion probability", "presence": "presence head's probability"}
+    for ax, (signal, curve) in zip(axes[0], curves.items()):
+        g = [c["gate"] for c in curve]
+        ax.plot(g, [c["lesion_dice"] for c in curve], "o-", ms=3, color="C2", label="lesion Dice")
+        ax.plot(g, [c["normal_fp"] for c in curve], "s--", ms=3, color="C3", label="normal images with a false lesion")
+        ax.plot(g, [c["score"] for c in curve], "-", color="0.3", label="score (selects the gate)")
+        if result["chosen"]["signal"] == signal:
+            gate = result["chosen"]["gate"]
+            ax.axvline(gate, color="0.6", lw=0.8, ls=":")
+            ax.annotate(f"chosen {gate:.2f}", (gate, 0.02), fontsize=8, xytext=(4, 0), textcoords="offset points")
+        ax.set_xlabel(f"gate on the {labels[signal]}")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"held-out folds, {result['n_images']} images", fontsize=10)
+        ax.legend(fontsize=8, loc="center left")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -213,13 +213,14 @@ def make_scheduler(recipe: Recipe, optimizer, epochs: int):
 
 @torch.no_grad()
 def predict_cached(model, images: torch.Tensor, batch_size: int = 16, amp: bool = False) -> torch.Tensor:
-    """Sigmoid probabilities of cached (N, 1, S, S) images."""
+    """Sigmoid probabilities of cached (N, 1, S, S) images, before any gate: validation judges
+    the segmentation, and the gates are chosen afterwards on held-out images (crossval)."""
     model.eval()
     outs = []
     for i in range(0, images.shape[0], batch_size):
         x = images[i : i + batch_size]
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
-            y = model(x)
+            y = model.forward_parts(x)[0]
         outs.append(torch.sigmoid(y.float()))
     return torch.cat(outs) if outs else images.new_zeros(images.shape)
 

@@ -38,15 +38,20 @@ def test_cv_side_by_side_chooses_a_presence_gate_and_serves_the_ensemble(prepare
     # Each fold ran in its own process and logged there.
     assert all((out / f"fold{f}" / "train.log").is_file() for f in (0, 1))
 
-    gate = json.loads((out / "presence_gate.json").read_text())
-    assert gate["n_images"] == n_train and [c["gate"] for c in gate["curve"]] == list(GATES)
-    best = max(c["score"] for c in gate["curve"])
-    assert gate["chosen"] in GATES and next(c for c in gate["curve"] if c["gate"] == gate["chosen"])["score"] == best
-    # Gate 0 keeps every image: nothing is gated off.
-    assert gate["curve"][0]["lesions_gated_off"] == 0
+    gate = json.loads((out / "gate.json").read_text())
+    assert (out / "gate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert gate["n_images"] == n_train and set(gate["curves"]) == {"confidence", "presence"}
+    for signal, curve in gate["curves"].items():
+        assert [c["gate"] for c in curve] == list(GATES[signal])
+        assert curve[0]["gate"] == 0 and curve[0]["lesions_gated_off"] == 0  # gate 0 keeps every image
+    best = max(c["score"] for curve in gate["curves"].values() for c in curve)
+    signal, value = gate["chosen"]["signal"], gate["chosen"]["gate"]
+    assert next(c for c in gate["curves"][signal] if c["gate"] == value)["score"] == best
     for f in (0, 1):
-        assert load_checkpoint(out / f"fold{f}" / "model.pt")["network"]["presence_gate"] == gate["chosen"]
-    assert cv["presence_gate"]["chosen"] == gate["chosen"]
+        network = load_checkpoint(out / f"fold{f}" / "model.pt")["network"]
+        assert network[f"{signal}_gate"] == value
+        assert network["presence_gate" if signal == "confidence" else "confidence_gate"] == 0
+    assert cv["gate"]["chosen"] == gate["chosen"]
 
     metrics = tmp_path / "metrics.json"
     assert main(["evaluate", "--model", str(out), "--data", str(prepared_sample), "--out", str(metrics), "--device", "cpu"]) == 0

@@ -48,3 +48,14 @@ def test_missed_lesion_and_normal_images():
     assert s["pixel_accuracy"] == pytest.approx((0.91 + 0.84 + 0.91 + 1.0) / 4)
     assert s["per_class"]["benign"]["lesion"]["dice"] == pytest.approx(0.64)
     assert s["per_class"]["normal"]["normal_false_positive_rate"] == pytest.approx(0.5)
+
+
+def test_lesions_are_reported_by_size():
+    pred, truth = _masks()  # the lesion covers 16% of the image
+    small = np.zeros((100, 100), np.uint8)
+    small[10:20, 10:20] = 1  # 1%
+    records = [image_metrics(pred, truth), image_metrics(small, small), image_metrics(np.zeros_like(small), small)]
+    sizes = summarize(records)["per_size"]
+    assert sizes["small (<2% of the image)"] == {"n": 2, "dice": pytest.approx(0.5), "missed": 1}
+    assert sizes["large (>=8%)"] == {"n": 1, "dice": pytest.approx(0.64), "missed": 0}
+    assert "medium (2-8%)" not in sizes

@@ -99,3 +99,28 @@ def test_presence_gate_empties_only_the_images_it_rejects():
     net.config = replace(net.config, presence_gate=0.0)
     with torch.no_grad():
         assert torch.equal(net(x), seg)
+
+
+def test_confidence_gate_empties_unsure_images_at_inference_only():
+    from dataclasses import replace
+
+    from busi_monai.networks import GATED_LOGIT
+
+    torch.manual_seed(0)
+    net = build_network("fast").eval()
+    x = torch.rand(6, 1, 64, 64)
+    with torch.no_grad():
+        raw = net(x)
+        top = torch.sigmoid(raw).amax(dim=(1, 2, 3))
+        gate = float(top.median())
+        net.config = replace(net.config, confidence_gate=gate)
+        gated = net(x)
+    kept = top >= gate
+    assert 0 < int(kept.sum()) < len(kept)
+    assert torch.equal(gated[kept], raw[kept]) and (gated[~kept] == GATED_LOGIT).all()
+    net.train()
+    torch.manual_seed(1)
+    a = net(x)
+    net.config = replace(net.config, confidence_gate=0.0)
+    torch.manual_seed(1)
+    assert torch.equal(a, net(x)), "training must see every logit"

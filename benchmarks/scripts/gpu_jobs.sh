@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Run `busi-monai` training jobs side by side on one GPU machine, then evaluate each on the
-# pack's full-size test split, and gather the results into $OUT (results.json, logs.tgz).
+# Run `busi-monai` training jobs on one GPU machine, then evaluate each on the pack's
+# full-size test split, and gather the results into $OUT (results.json, logs.tgz).
 #
-#   benchmarks/scripts/gpu_jobs.sh JOBS_FILE TRAIN_LIMIT_S
+#   [JOBS=1] benchmarks/scripts/gpu_jobs.sh JOBS_FILE TRAIN_LIMIT_S
+#
+# JOBS: trainings at once. Keep 1 on a GPU: 15 at once on an H100 time-shared the GPU and ran
+# each ~15x slower (benchmarks/h100_partial_ablation.json).
 #
 # JOBS_FILE: one job a line, "NAME busi-monai-subcommand args..." (train or cv; the job's
 # --out is added as runs/NAME). The machine has PyTorch but not MONAI: the wheels in .whl/
@@ -23,6 +26,7 @@ smi=$!
 t0=$(date +%s)
 while read -r name cmd args; do
   [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue
+  while [ "$(jobs -rp | grep -cv "^$smi$")" -ge "${JOBS:-1}" ]; do sleep 1; done
   ( start=$(date +%s)
     timeout "$limit" $cli $cmd $args --out "$R/$name" > "$R/$name.log" 2>&1
     echo "$name rc=$? s=$(( $(date +%s) - start ))" >> "$R/done.txt" ) &
