@@ -26,6 +26,9 @@ class Recipe:
     ema_decay: float = 0.0
     # Weight of the presence head's BCE beside the mask loss (networks with "+presence").
     presence_weight: float = 0.5
+    # The network's confidence gate (networks.NetworkConfig): images whose highest lesion
+    # probability stays below it get an empty mask. `busi-monai cv` re-chooses it on held-out folds.
+    confidence_gate: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,7 +15,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .io import write_json
 from .checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
-from .networks import build_network
+from .networks import build_network, network_config
 from .presets import Recipe, get_recipe
 from .transforms import LoadBusiImaged, augmentation, preprocess_list
 
@@ -296,7 +296,7 @@ def fit(
         raise TrainingError("no labelled images to train on")
     dev = resolve_device(device)
     _seed_everything(seed)
-    model = build_network(recipe.network).to(dev)
+    model = build_network(replace(network_config(recipe.network), confidence_gate=recipe.confidence_gate)).to(dev)
     presence = model.config.presence_head
     amp = mixed_precision(dev)
     channels_last = dev.type == "cuda" or amp
