@@ -57,11 +57,10 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict, device="cpu", presence_gate: float | None = None) -> PaperAttentionUNet:
-    """The checkpoint's network in eval mode; ``presence_gate`` overrides its presence gate."""
-    config = NetworkConfig.from_dict(ckpt["network"])
-    if presence_gate is not None:
-        config = replace(config, presence_gate=float(presence_gate))
+def model_from_checkpoint(ckpt: dict, device="cpu", **network_overrides) -> PaperAttentionUNet:
+    """The checkpoint's network in eval mode; ``network_overrides`` replace fields of its
+    config that do not change the weights (e.g. ``confidence_gate=0`` turns the gate off)."""
+    config = replace(NetworkConfig.from_dict(ckpt["network"]), **{k: v for k, v in network_overrides.items() if v is not None})
     net = build_network(config)
     net.load_state_dict(ckpt["state_dict"])
     return net.to(device).eval()

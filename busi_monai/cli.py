@@ -68,7 +68,7 @@ def cmd_evaluate(a):
     from .inference import Predictor
 
     tta = {"auto": None, "on": True, "off": False}[a.tta]
-    predictor = Predictor(a.model, device=a.device, tta=tta, presence_gate=a.presence_gate)
+    predictor = Predictor(a.model, device=a.device, tta=tta, confidence_gate=a.confidence_gate)
     res = evaluate(a.model, a.data, a.out, split=a.split, predictor=predictor)
     _print_json({k: v for k, v in res.items() if k != "per_image"})
 
@@ -77,7 +77,7 @@ def cmd_infer(a):
     from .inference import Predictor
     from .io import read_image, write_array, write_mask
 
-    pred = Predictor(a.model, device=a.device, presence_gate=a.presence_gate)
+    pred = Predictor(a.model, device=a.device, confidence_gate=a.confidence_gate)
     out = Path(a.out)
     images = [read_image(p) for p in a.images]
     for im, p in zip(images, pred.predict(images)):
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test")
     s.add_argument("--device", default="auto")
     s.add_argument("--tta", choices=("auto", "on", "off"), default="auto", help="test-time flips (auto: as the recipe says)")
-    s.add_argument("--presence-gate", type=float, help="presence probability below which a mask is left empty (0: off; default: the model's)")
+    s.add_argument("--confidence-gate", type=float, help="highest lesion probability below which a mask is left empty (0: off; default: the model's)")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("infer", help="lesion masks for images, in each image's own size and geometry")
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="same", help="output extension (.png, .nii.gz, .nrrd) or 'same' as input")
     s.add_argument("--raw", action="store_true", help="write the raw thresholded mask, not the processed one")
     s.add_argument("--probability", action="store_true", help="also write the probability map")
-    s.add_argument("--presence-gate", type=float, help="presence probability below which a mask is left empty (0: off; default: the model's)")
+    s.add_argument("--confidence-gate", type=float, help="highest lesion probability below which a mask is left empty (0: off; default: the model's)")
     s.add_argument("images", nargs="+")
     s.set_defaults(func=cmd_infer)
 

@@ -170,23 +170,18 @@ def _run_fold_processes(data, out: Path, preset, folds, recipe, device, seed, wa
         raise TrainingError(f"cv folds {failed} failed; see {out}/fold*/train.log")
 
 
-# Gates tried: a presence probability can sit anywhere; the highest pixel probability of an image
-# with any outline is above the 0.5 threshold already, so its gate starts there.
-GATES = {
-    "confidence": (0.0, *(round(0.5 + 0.05 * i, 2) for i in range(10)), 0.975, 0.99),
-    "presence": tuple(round(0.05 * i, 2) for i in range(20)),
-}
+# Confidence gates tried: the highest probability of an image with any outline is above the 0.5
+# threshold already, so the gates that change anything start there.
+GATES = (0.0, *(round(0.5 + 0.05 * i, 2) for i in range(10)), 0.975, 0.99)
 
 
 def choose_gate(data, out: Path, folds: int, seed: int, recipe, device: str = "auto", progress: bool = True) -> dict:
-    """Set the folds' gate to the one that scores best on the held-out folds.
+    """Set the folds' confidence gate to the one that scores best on the held-out folds.
 
     Each fold's model sees its own held-out images (never trained on, never used to select its
     epoch); the score is training's selection score (lesion Dice, 1 for an empty mask on a
-    normal image) pooled over every training image once, at network resolution. Two gates are
-    tried: the image's highest lesion probability (any network) and the presence head's
-    probability (networks with one). Writes ``gate.json`` and ``gate.png`` (the curves) and the
-    chosen gate into each ``fold*/model.pt``, the other gate off.
+    normal image) pooled over every training image once, at network resolution. Writes
+    ``gate.json`` and ``gate.png`` (the curve) and the chosen gate into each ``fold*/model.pt``.
     """
     import dataclasses
 
@@ -197,50 +192,37 @@ def choose_gate(data, out: Path, folds: int, seed: int, recipe, device: str = "a
 
     paths = [Path(out) / f"fold{f}" / "model.pt" for f in range(folds)]
     checkpoints = [load_checkpoint(p) for p in paths]
-    has_head = all(ck["network"].get("presence_head") for ck in checkpoints)
     cached = _training_data(data, recipe, progress)
     dev = resolve_device(device)
-    stats: dict[str, list] = {"confidence": [], "presence": [], "dice": [], "nonempty": [], "lesion": []}
+    top, dice, nonempty, lesion = [], [], [], []
     for ck, held in zip(checkpoints, grouped_stratified_folds(cached.items, folds, seed)):
         net = model_from_checkpoint(ck, dev)
         with torch.no_grad():
             for i in range(0, len(held), 16):
                 rows = held[i : i + 16]
-                seg, _, pres = net.forward_parts(cached.images[rows].to(dev))
-                prob = torch.sigmoid(seg.float()).flatten(1).cpu()
+                prob = torch.sigmoid(net.forward_parts(cached.images[rows].to(dev))[0].float()).flatten(1).cpu()
                 pred = (prob > recipe.threshold).float()
                 truth = cached.labels[rows].flatten(1)
-                stats["confidence"] += prob.amax(1).tolist()
-                if has_head:
-                    stats["presence"] += torch.sigmoid(pres.float()).flatten().cpu().tolist()
-                stats["dice"] += (2 * (pred * truth).sum(1) / (pred.sum(1) + truth.sum(1)).clamp(min=1)).tolist()
-                stats["nonempty"] += (pred.sum(1) > 0).tolist()
-                stats["lesion"] += (truth.sum(1) > 0).tolist()
-    d, ne = np.asarray(stats["dice"]), np.asarray(stats["nonempty"], dtype=float)
-    les = np.asarray(stats["lesion"], dtype=bool)
-    curves = {}
-    for signal in ("confidence", "presence") if has_head else ("confidence",):
-        p = np.asarray(stats[signal])
-        curves[signal] = []
-        for g in GATES[signal]:
-            kept = p >= g
-            per_image = np.where(les, d * kept, 1.0 - ne * kept)
-            curves[signal].append({
-                "gate": g, "score": float(per_image.mean()), "lesion_dice": float(per_image[les].mean()),
-                "normal_fp": float((ne * kept)[~les].mean()), "lesions_gated_off": int((les & ~kept).sum()),
-            })  # fmt: skip
-    # The best score; on a tie the confidence gate (no head needed), then the lower gate.
-    signal, best = max(
-        ((s, c) for s, cs in curves.items() for c in cs), key=lambda sc: (round(sc[1]["score"], 6), sc[0] == "confidence", -sc[1]["gate"])
-    )
-    result = {"chosen": {"signal": signal, "gate": best["gate"]}, "n_images": len(d), "curves": curves}
+                top += prob.amax(1).tolist()
+                dice += (2 * (pred * truth).sum(1) / (pred.sum(1) + truth.sum(1)).clamp(min=1)).tolist()
+                nonempty += (pred.sum(1) > 0).tolist()
+                lesion += (truth.sum(1) > 0).tolist()
+    p, d, ne = np.asarray(top), np.asarray(dice), np.asarray(nonempty, dtype=float)
+    les = np.asarray(lesion, dtype=bool)
+    curve = []
+    for g in GATES:
+        kept = (p >= g) & (ne > 0)
+        per_image = np.where(les, d * kept, 1.0 - kept)
+        curve.append({
+            "gate": g, "score": float(per_image.mean()), "lesion_dice": float(per_image[les].mean()),
+            "normal_fp": float(kept[~les].mean()), "lesions_missed": int((les & ~kept).sum()),
+        })  # fmt: skip
+    best = max(curve, key=lambda c: (round(c["score"], 6), -c["gate"]))  # on a tie, the lower gate
+    result = {"chosen": best["gate"], "n_images": len(d), "curve": curve}
     write_json(result, Path(out) / "gate.json")
     gate_plot(result, Path(out) / "gate.png")
-    gates = {"confidence_gate": best["gate"] if signal == "confidence" else 0.0}
-    if has_head:
-        gates["presence_gate"] = best["gate"] if signal == "presence" else 0.0
     for ck, path in zip(checkpoints, paths):
-        ck["network"] = dataclasses.replace(model_from_checkpoint(ck).config, **gates).to_dict()
+        ck["network"] = dataclasses.replace(model_from_checkpoint(ck).config, confidence_gate=best["gate"]).to_dict()
         atomic_torch_save(ck, path)
     return result
 

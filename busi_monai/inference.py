@@ -36,9 +36,9 @@ class Predictor:
         amp: bool | None = None,
         batch_size: int = 16,
         postprocess: dict | None = None,
-        presence_gate: float | None = None,
+        confidence_gate: float | None = None,
     ):
-        """``presence_gate`` replaces the checkpoints' gate of a presence head (0 turns it off)."""
+        """``confidence_gate`` replaces the checkpoints' confidence gate (0 turns it off)."""
         members = [model] if isinstance(model, (str, Path, dict)) else list(model)
         paths = _expand_ensemble(members)
         self.device = resolve_device(device)
@@ -56,7 +56,7 @@ class Predictor:
         self.amp = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()) if amp is None else amp
         self.batch_size = batch_size
         self.postprocess = postprocess or {}
-        self.models = [model_from_checkpoint(ck, self.device, presence_gate) for ck in self.checkpoints]
+        self.models = [model_from_checkpoint(ck, self.device, confidence_gate=confidence_gate) for ck in self.checkpoints]
         # One network, or the members' (and flips') mean: the same module the bundle exports.
         single = len(self.models) == 1 and not self.tta
         self.averaged = self.models[0] if single else AveragedNetwork(self.models, flips=self.tta).eval()

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, replace
 
 @dataclass(frozen=True)
 class Recipe:
-    network: str  # networks.network_config spec: a key of networks.NETWORKS, e.g. "fast+presence"
+    network: str  # networks.network_config spec: a key of networks.NETWORKS, e.g. "fast+ds"
     image_size: int = 256
     epochs: int = 50
     batch_size: int = 4
@@ -22,10 +22,6 @@ class Recipe:
     val_fraction: float = 0.1  # carved, by duplicate group, from the training split
     threshold: float = 0.5
     tta: bool = False
-    # Decay of the exponential moving average of the weights that is validated and saved (0: off).
-    ema_decay: float = 0.0
-    # Weight of the presence head's BCE beside the mask loss (networks with "+presence").
-    presence_weight: float = 0.5
     # The network's confidence gate (networks.NetworkConfig): images whose highest lesion
     # probability stays below it get an empty mask. `busi-monai cv` re-chooses it on held-out folds.
     confidence_gate: float = 0.0

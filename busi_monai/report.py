@@ -127,25 +127,21 @@ def training_curves(history: list[dict], path: Path) -> None:
 
 
 def gate_plot(result: dict, path: Path) -> None:
-    """Held-out lesion Dice, normal false-positive rate and score against each gate."""
+    """Held-out lesion Dice, normal false-positive rate and score against the confidence gate."""
     plt = _plt()
-    curves = result["curves"]
-    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.5), squeeze=False)
-    labels = {"confidence": "highest lesion probability", "presence": "presence head's probability"}
-    for ax, (signal, curve) in zip(axes[0], curves.items()):
-        g = [c["gate"] for c in curve]
-        ax.plot(g, [c["lesion_dice"] for c in curve], "o-", ms=3, color="C2", label="lesion Dice")
-        ax.plot(g, [c["normal_fp"] for c in curve], "s--", ms=3, color="C3", label="normal images with a false lesion")
-        ax.plot(g, [c["score"] for c in curve], "-", color="0.3", label="score (selects the gate)")
-        if result["chosen"]["signal"] == signal:
-            gate = result["chosen"]["gate"]
-            ax.axvline(gate, color="0.6", lw=0.8, ls=":")
-            ax.annotate(f"chosen {gate:.2f}", (gate, 0.02), fontsize=8, xytext=(4, 0), textcoords="offset points")
-        ax.set_xlabel(f"gate on the {labels[signal]}")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"held-out folds, {result['n_images']} images", fontsize=10)
-        ax.legend(fontsize=8, loc="center left")
-        ax.grid(alpha=0.3)
+    curve = result["curve"]
+    g = [c["gate"] for c in curve]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot(g, [c["lesion_dice"] for c in curve], "o-", ms=3, color="C2", label="lesion Dice")
+    ax.plot(g, [c["normal_fp"] for c in curve], "s--", ms=3, color="C3", label="normal images with a false lesion")
+    ax.plot(g, [c["score"] for c in curve], "-", color="0.3", label="score (selects the gate)")
+    ax.axvline(result["chosen"], color="0.6", lw=0.8, ls=":")
+    ax.annotate(f"chosen {result['chosen']:.2f}", (result["chosen"], 0.02), fontsize=8, xytext=(4, 0), textcoords="offset points")
+    ax.set_xlabel("confidence gate (highest lesion probability an outline needs)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"held-out folds, {result['n_images']} images", fontsize=10)
+    ax.legend(fontsize=8, loc="center left")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -297,7 +297,6 @@ def fit(
     dev = resolve_device(device)
     _seed_everything(seed)
     model = build_network(replace(network_config(recipe.network), confidence_gate=recipe.confidence_gate)).to(dev)
-    presence = model.config.presence_head
     amp = mixed_precision(dev)
     channels_last = dev.type == "cuda" or amp
     if channels_last:
@@ -308,21 +307,14 @@ def fit(
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay, fused=dev.type == "cuda")
     scheduler = make_scheduler(recipe, optimizer, recipe.epochs)
     loss_fn = make_loss(recipe, model.config.deep_supervision)
-    presence_loss = torch.nn.BCEWithLogitsLoss()
     aug = augmentation(recipe.augment)
-    # The exponential moving average of the weights (and batch-norm statistics) is what is
-    # validated and saved: smoother than the last step's weights on a small, noisy set.
-    ema = _ema_model(model, recipe.ema_decay)
-    saved_model = ema.module if ema is not None else model
 
     history: list[dict] = []
     start_epoch, best, best_dice = 0, -math.inf, None
     last_path, best_path = out / "last.pt", out / "model.pt"
     if resume and last_path.is_file():
         ck = load_checkpoint(last_path)
-        model.load_state_dict(ck["state_dict"] if ema is None else ck["train_state_dict"])
-        if ema is not None:
-            ema.load_state_dict(ck["ema_state"])
+        model.load_state_dict(ck["state_dict"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         start_epoch, history = ck["epoch"] + 1, ck.get("history", [])
@@ -332,15 +324,11 @@ def fit(
         ck = load_checkpoint(init_checkpoint)
         try:
             model.load_state_dict(ck["state_dict"])
-            if ema is not None:
-                ema = _ema_model(model, recipe.ema_decay)
-                saved_model = ema.module
             log.info("starting from the weights of %s", init_checkpoint)
         except RuntimeError:
             log.warning("%s has another architecture; training from scratch", init_checkpoint)
 
     train_d, val_d = train.to(dev), val.to(dev)
-    has_lesion = (train_d.labels.flatten(1).amax(1) > 0).float()[:, None]
     # Full batches through the compiled step (CUDA graphs need fixed shapes); the last, smaller
     # one eagerly rather than recording a second graph for it.
     full_step = compile_network(model.forward_parts, dev) if compile_model else model.forward_parts
@@ -364,20 +352,16 @@ def fit(
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-                seg, aux, pres = (full_step if x.shape[0] == recipe.batch_size else model.forward_parts)(x)
+                seg, aux = (full_step if x.shape[0] == recipe.batch_size else model.forward_parts)(x)
                 loss = loss_fn([p.float() for p in (seg, *aux)], y) if aux else loss_fn(seg.float(), y)
-                if presence:
-                    loss = loss + recipe.presence_weight * presence_loss(pres.float(), has_lesion[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if ema is not None:
-                ema.update_parameters(model)
             total += loss.detach() * x.shape[0]
         scheduler.step()
         rec = {"epoch": epoch + 1, "loss": float(total) / n, "lr": optimizer.param_groups[0]["lr"], "time_s": time.time() - t0}
         if len(val_d):
-            rec.update(quick_scores(predict_cached(saved_model, val_d.images, amp=amp), val_d.labels, recipe.threshold))
+            rec.update(quick_scores(predict_cached(model, val_d.images, amp=amp), val_d.labels, recipe.threshold))
         history.append(rec)
         for k, v in rec.items():
             if k != "epoch" and isinstance(v, float) and math.isfinite(v) and writer:
@@ -387,7 +371,7 @@ def fit(
         meta = {"epoch": epoch, "history": history, "n_train": n, "n_val": len(val_d), "device": str(dev)}
         if score > best:
             best, best_dice = score, rec.get("val_dice")
-            best_state = {"epoch": epoch, "state": {k: v.detach().clone() for k, v in saved_model.state_dict().items()}}
+            best_state = {"epoch": epoch, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
         final = epoch + 1 == recipe.epochs
         if saver.due(final):
             with saver.timed():
@@ -395,15 +379,12 @@ def fit(
                 if best_state is not None:
                     weights = {k: v.cpu() for k, v in best_state["state"].items()}
                     atomic_torch_save(
-                        make_checkpoint(saved_model, recipe, preset, state_dict=weights, **kept, **{**meta, "epoch": best_state["epoch"]}),
+                        make_checkpoint(model, recipe, preset, state_dict=weights, **kept, **{**meta, "epoch": best_state["epoch"]}),
                         best_path,
                     )
                     best_state = None
-                extra = {"train_state_dict": _cpu_state(model), "ema_state": ema.state_dict()} if ema is not None else {}
                 atomic_torch_save(
-                    make_checkpoint(
-                        saved_model, recipe, preset, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), **kept, **extra, **meta
-                    ),
+                    make_checkpoint(model, recipe, preset, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), **kept, **meta),
                     last_path,
                 )
             write_json(history, out / "history.json")
@@ -427,18 +408,6 @@ def fit(
     }
     write_json(summary, out / "summary.json")
     return summary
-
-
-def _cpu_state(model) -> dict:
-    return {k: v.detach().cpu() for k, v in getattr(model, "_orig_mod", model).state_dict().items()}
-
-
-def _ema_model(model, decay: float):
-    if not decay:
-        return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 class _CheckpointPacer:

@@ -319,23 +319,22 @@ def test_app_serves_the_bundle(bundle, trained_model, sample_dir, tmp_path):
     assert not (model_dir / MODEL_FILENAME).exists()
 
 
+CV_GATE = 0.9
+
+
 @pytest.fixture(scope="module")
 def cv_dir(trained_model, tmp_path_factory) -> Path:
     """Two "folds" (the trained model and a perturbed copy) whose recipe asks for flip TTA, with
-    a presence head: the first fold's always says "lesion", the second's gates by its weights."""
+    a confidence gate that the ensemble's mean must pass."""
     from busi_monai.checkpoint import atomic_torch_save, load_checkpoint
 
     d = tmp_path_factory.mktemp("cv")
     base = load_checkpoint(trained_model)
-    network = {**base["network"], "presence_head": True, "presence_gate": 0.5}
-    width = 2 * network["bridge_channels"]
     g = torch.Generator().manual_seed(0)
     for i in range(2):
         state = {k: (v + 0.05 * v.std() * torch.randn(v.shape, generator=g) if i and v.is_floating_point() and v.numel() > 1 else v) for k, v in base["state_dict"].items()}
-        state["presence.fc.weight"] = torch.randn(1, width, generator=g) * i
-        state["presence.fc.bias"] = torch.tensor([5.0 * (1 - i)])
         (d / f"fold{i}").mkdir()
-        ck = {**base, "network": network, "state_dict": state, "recipe": {**base["recipe"], "tta": True}}
+        ck = {**base, "network": {**base["network"], "confidence_gate": CV_GATE}, "state_dict": state, "recipe": {**base["recipe"], "tta": True}}
         atomic_torch_save(ck, d / f"fold{i}" / "model.pt")
     return d
 
@@ -352,7 +351,7 @@ def test_ensemble_bundle_equals_busi_monai_infer(cv_dir, image_dir, sample_dir, 
     assert main(["export-bundle", "--model", str(cv_dir), "--out", str(bundle)]) == 0
     infer_cfg = json.loads((bundle / "configs" / "inference.json").read_text())
     assert infer_cfg["network_def"] == {"_target_": "scripts.networks.build_averaged", "preset": "@network_config", "members": 2, "flips": True}
-    assert infer_cfg["network_config"]["presence_head"] and infer_cfg["network_config"]["presence_gate"] == 0.5
+    assert infer_cfg["network_config"]["confidence_gate"] == CV_GATE
     assert "flipped" in (bundle / "docs" / "README.md").read_text()
 
     out = tmp_path / "bundle_out"
@@ -370,6 +369,10 @@ def test_ensemble_bundle_equals_busi_monai_infer(cv_dir, image_dir, sample_dir, 
         assert np.array_equal(ours, theirs), f"{p.name}: {(ours != theirs).sum()} pixels differ"
         differs_from_single += int((theirs != one.mask).sum())
     assert differs_from_single > 0, "the ensemble gave one fold's masks: the averaging would be untested"
+    # The gate judged the ensemble: some images that have an outline without it have none with it.
+    ungated = Predictor(cv_dir, device="cpu", confidence_gate=0).predict(images)
+    emptied = [p.name for p, u in zip(images, ungated) if u.mask.any() and not read_mask(ref / f"{p.stem}_mask.png").any()]
+    assert 0 < len(emptied) < len(images), emptied
 
     served = Predictor(checkpoint_from_bundle(bundle), device="cpu")
     assert len(served.models) == 2 and served.tta

@@ -1,4 +1,4 @@
-"""`busi-monai cv`: grouped folds, folds trained side by side, the presence gate chosen on
+"""`busi-monai cv`: grouped folds, folds trained side by side, the confidence gate chosen on
 held-out folds and the folds served as one ensemble."""
 
 import json
@@ -24,12 +24,12 @@ def test_folds_keep_groups_whole_and_spread_classes(prepared_sample):
         assert max(counts) - min(counts) <= 2, (cls, counts)
 
 
-def test_cv_side_by_side_chooses_a_presence_gate_and_serves_the_ensemble(prepared_sample, tmp_path):
+def test_cv_side_by_side_chooses_a_gate_and_serves_the_ensemble(prepared_sample, tmp_path):
     from busi_monai.cli import main
 
     out = tmp_path / "cv"
     args = ["cv", "--data", str(prepared_sample), "--preset", "fast", "--folds", "2", "--epochs", "2", "--image-size", "32"]
-    args += ["--device", "cpu", "--jobs", "2", "--out", str(out), "--set", "network=fast+presence", "--set", "loss=dice_bce"]
+    args += ["--device", "cpu", "--jobs", "2", "--out", str(out), "--set", "loss=dice_bce"]
     assert main(args) == 0
     cv = json.loads((out / "cv.json").read_text())
     assert [f["fold"] for f in cv["folds"]] == [0, 1]
@@ -40,17 +40,14 @@ def test_cv_side_by_side_chooses_a_presence_gate_and_serves_the_ensemble(prepare
 
     gate = json.loads((out / "gate.json").read_text())
     assert (out / "gate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert gate["n_images"] == n_train and set(gate["curves"]) == {"confidence", "presence"}
-    for signal, curve in gate["curves"].items():
-        assert [c["gate"] for c in curve] == list(GATES[signal])
-        assert curve[0]["gate"] == 0 and curve[0]["lesions_gated_off"] == 0  # gate 0 keeps every image
-    best = max(c["score"] for curve in gate["curves"].values() for c in curve)
-    signal, value = gate["chosen"]["signal"], gate["chosen"]["gate"]
-    assert next(c for c in gate["curves"][signal] if c["gate"] == value)["score"] == best
+    curve = gate["curve"]
+    assert gate["n_images"] == n_train and [c["gate"] for c in curve] == list(GATES)
+    # Gate 0 keeps every outline: only the lesions the segmentation itself missed are missed.
+    assert curve[0]["lesions_missed"] == min(c["lesions_missed"] for c in curve)
+    assert all(a["lesions_missed"] <= b["lesions_missed"] and a["normal_fp"] >= b["normal_fp"] for a, b in zip(curve, curve[1:]))
+    assert next(c for c in curve if c["gate"] == gate["chosen"])["score"] == max(c["score"] for c in curve)
     for f in (0, 1):
-        network = load_checkpoint(out / f"fold{f}" / "model.pt")["network"]
-        assert network[f"{signal}_gate"] == value
-        assert network["presence_gate" if signal == "confidence" else "confidence_gate"] == 0
+        assert load_checkpoint(out / f"fold{f}" / "model.pt")["network"]["confidence_gate"] == gate["chosen"]
     assert cv["gate"]["chosen"] == gate["chosen"]
 
     metrics = tmp_path / "metrics.json"

@@ -63,8 +63,8 @@ def test_best_preset_deep_supervision_only_in_training():
 def test_network_specs_switch_options():
     from busi_monai.networks import network_config
 
-    cfg = network_config("fast+presence-ds")
-    assert cfg.presence_head and not cfg.deep_supervision and cfg.encoder_channels == (16, 32, 64, 128)
+    cfg = network_config("fast+ds")
+    assert cfg.deep_supervision and cfg.encoder_channels == (16, 32, 64, 128)
     assert network_config("best-ds").deep_supervision is False
     assert network_config("half").encoder_channels == (32, 64, 128, 256)
     for bad, message in (("fast+dropout", "unknown network option 'dropout'"), ("wide", "unknown network 'wide'")):
@@ -74,31 +74,6 @@ def test_network_specs_switch_options():
             assert message in str(e)
         else:
             raise AssertionError(f"{bad!r} was accepted")
-
-
-def test_presence_gate_empties_only_the_images_it_rejects():
-    from busi_monai.networks import GATED_LOGIT
-
-    torch.manual_seed(0)
-    net = build_network("fast+presence").eval()
-    x = torch.rand(4, 1, 64, 64)
-    with torch.no_grad():
-        # A head that says "lesion" for the first two images and "no lesion" for the others.
-        net.presence.fc.weight.zero_()
-        net.presence.fc.bias.fill_(0.0)
-        seg, aux, presence = net.forward_parts(x)
-        assert aux == [] and presence.shape == (4, 1)
-        shift = torch.tensor([3.0, 3.0, -3.0, -3.0])
-        net.presence.fc.register_forward_hook(lambda m, i, o: o + shift[:, None])
-        out = net(x)
-    assert torch.equal(out[:2], seg[:2])
-    assert (out[2:] == GATED_LOGIT).all()
-    # Gate 0 switches the gate off: the mask logits pass through whatever the head says.
-    from dataclasses import replace
-
-    net.config = replace(net.config, presence_gate=0.0)
-    with torch.no_grad():
-        assert torch.equal(net(x), seg)
 
 
 def test_confidence_gate_empties_unsure_images_at_inference_only():
