@@ -33,7 +33,11 @@ from .training import (
 
 
 def grouped_stratified_folds(items: list[dict], k: int, seed: int = 0) -> list[list[int]]:
-    """Fold index lists; whole groups per fold, each class spread evenly (greedy, largest groups first)."""
+    """Fold index lists; whole groups per fold, each class spread evenly (greedy, largest groups
+    first). A group counts as the class :func:`busi_monai.data.group_class` gives it, as in the
+    test split: the same in every process (fold processes, a later ``--skip-training``)."""
+    from .data import group_class
+
     rng = random.Random(seed)
     groups: dict = {}
     for i, it in enumerate(items):
@@ -45,7 +49,7 @@ def grouped_stratified_folds(items: list[dict], k: int, seed: int = 0) -> list[l
     per_class = [dict() for _ in range(k)]
     for g in keys:
         members = groups[g]
-        cls = max({items[i].get("class", "?") for i in members}, key=lambda c: sum(items[i].get("class") == c for i in members))
+        cls = group_class([items[i].get("class", "?") for i in members])
         f = min(range(k), key=lambda j: (per_class[j].get(cls, 0), len(folds[j])))
         folds[f].extend(members)
         per_class[f][cls] = per_class[f].get(cls, 0) + len(members)

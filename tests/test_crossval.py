@@ -2,6 +2,7 @@
 held-out folds and the folds served as one ensemble."""
 
 import json
+import os
 from collections import Counter
 
 from busi_monai.checkpoint import load_checkpoint
@@ -22,6 +23,25 @@ def test_folds_keep_groups_whole_and_spread_classes(prepared_sample):
     for cls in {it["class"] for it in items}:
         counts = [sum(items[i]["class"] == cls for i in f) for f in folds]
         assert max(counts) - min(counts) <= 2, (cls, counts)
+
+
+def test_folds_are_the_same_in_every_process(prepared_sample):
+    """Fold processes and a later --skip-training recompute the folds: they must agree, whatever
+    Python's string hashing (a set's order once decided the class of a mixed-class group)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; from busi_monai.crossval import grouped_stratified_folds as f; "
+        "from busi_monai.training import load_datalist as l; "
+        "items = [dict(it, group='g%d' % (i // 2)) for i, it in enumerate(l(sys.argv[1])['training'])]; "
+        "print(json.dumps(f(items, 3, 0)))"
+    )
+    runs = set()
+    for hash_seed in ("1", "2", "3", "4"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        runs.add(subprocess.run([sys.executable, "-c", code, str(prepared_sample)], env=env, capture_output=True, text=True, check=True).stdout)
+    assert len(runs) == 1, "the folds depend on the process"
 
 
 def test_cv_side_by_side_chooses_a_gate_and_serves_the_ensemble(prepared_sample, tmp_path):
