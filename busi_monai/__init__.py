@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 
 def build_network(preset="paper"):
-    """The Attention U-Net of a preset (``paper``, ``fast``, ``best``); see :mod:`busi_monai.networks`."""
+    """The Attention U-Net by name (``paper``, ``fast``, ``half``, ``paper+ds``); see :mod:`busi_monai.networks`."""
     from .networks import build_network as _build
 
     return _build(preset)

@@ -58,8 +58,6 @@ NETWORKS: dict[str, NetworkConfig] = {
     "half": NetworkConfig(
         encoder_channels=(32, 64, 128, 256), bridge_channels=256, decoder_channels=(128, 64, 32, 16)
     ),
-    # The paper's network plus deep supervision heads (used by the `best` recipe).
-    "best": NetworkConfig(deep_supervision=True),
 }
 
 
@@ -132,8 +130,8 @@ NETWORK_OPTIONS = {"ds": "deep_supervision"}
 
 
 def network_config(spec: str) -> NetworkConfig:
-    """A named network, optionally with options switched on or off: ``fast+ds``, ``best-ds``
-    (the one option so far: ``ds``, deep supervision)."""
+    """A named network, optionally with options switched on or off: ``paper+ds``, ``fast-ds``
+    (the one option so far: ``ds``, deep supervision heads on two coarser decoder stages)."""
     import re
 
     name, *changes = re.split(r"(?=[+-])", spec)
@@ -149,8 +147,8 @@ def network_config(spec: str) -> NetworkConfig:
 
 
 def build_network(preset: str | NetworkConfig | dict = "paper") -> PaperAttentionUNet:
-    """The network of a preset (``paper``, ``fast``, ``best``, with options as
-    :func:`network_config` reads them) or of an explicit config."""
+    """A named network (``paper``, ``fast``, ``half``, with options as :func:`network_config`
+    reads them) or an explicit config."""
     if isinstance(preset, NetworkConfig):
         return PaperAttentionUNet(preset)
     if isinstance(preset, dict):

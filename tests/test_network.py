@@ -49,8 +49,8 @@ def test_fast_keeps_topology_at_reduced_width():
     assert n(fast) * 8 < n(paper)
 
 
-def test_best_preset_deep_supervision_only_in_training():
-    net = build_network("best")
+def test_deep_supervision_only_in_training():
+    net = build_network("paper+ds")
     x = torch.rand(1, 1, 128, 128)
     net.train()
     outs = net(x)
@@ -65,7 +65,7 @@ def test_network_specs_switch_options():
 
     cfg = network_config("fast+ds")
     assert cfg.deep_supervision and cfg.encoder_channels == (16, 32, 64, 128)
-    assert network_config("best-ds").deep_supervision is False
+    assert network_config("paper+ds-ds").deep_supervision is False
     assert network_config("half").encoder_channels == (32, 64, 128, 256)
     for bad, message in (("fast+dropout", "unknown network option 'dropout'"), ("wide", "unknown network 'wide'")):
         try:

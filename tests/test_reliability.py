@@ -472,7 +472,9 @@ def test_killed_training_keeps_the_model_and_resumes(app, client):
     srv, _, model_dir, _ = app
     served = model_dir / "attention_unet.pt"
     before_bytes, before_version = served.read_bytes(), client.info()["busi"]["model_version"]
-    params = {**TRAIN, "max_epochs": 8}
+    # Long enough to be killed mid-way: checkpoints are paced, so the first of epoch 2 or later may
+    # come a few epochs in.
+    params = {**TRAIN, "max_epochs": 40}
     runs_before = set((model_dir / "runs").iterdir())
     client.train_start(MODEL, params)
 
