@@ -56,7 +56,7 @@ PRESETS: dict[str, Recipe] = {
     "fast": Recipe(network="fast", image_size=128),
     # What measured best on BUSI (README, Results): the fast network at 128 px with an overlap loss,
     # ultrasound augmentation and a cosine schedule (5-fold held-out Dice 0.58 vs the paper
-    # recipe's 0.37), and a confidence gate that leaves unsure images empty (held-out normal
+    # recipe's 0.36), and a confidence gate that leaves unsure images empty (held-out normal
     # false positives 26% -> 7%; `busi-monai cv` re-chooses it on its held-out folds). The
     # full-width network with deep supervision at 256 px scored lower (0.626 on the test split).
     "best": Recipe(
