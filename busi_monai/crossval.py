@@ -23,6 +23,7 @@ from .training import (
     TrainingError,
     cache_items,
     fit,
+    image_scores,
     load_datalist,
     load_pack,
     predict_cached,
@@ -198,31 +199,21 @@ def choose_gate(data, out: Path, folds: int, seed: int, recipe, device: str = "a
     checkpoints = [load_checkpoint(p) for p in paths]
     cached = _training_data(data, recipe, progress)
     dev = resolve_device(device)
-    top, dice, nonempty, lesion = [], [], [], []
+    scores = []
     for ck, held in zip(checkpoints, grouped_stratified_folds(cached.items, folds, seed)):
-        net = model_from_checkpoint(ck, dev)
-        with torch.no_grad():
-            for i in range(0, len(held), 16):
-                rows = held[i : i + 16]
-                prob = torch.sigmoid(net.forward_parts(cached.images[rows].to(dev))[0].float()).flatten(1).cpu()
-                pred = (prob > recipe.threshold).float()
-                truth = cached.labels[rows].flatten(1)
-                top += prob.amax(1).tolist()
-                dice += (2 * (pred * truth).sum(1) / (pred.sum(1) + truth.sum(1)).clamp(min=1)).tolist()
-                nonempty += (pred.sum(1) > 0).tolist()
-                lesion += (truth.sum(1) > 0).tolist()
-    p, d, ne = np.asarray(top), np.asarray(dice), np.asarray(nonempty, dtype=float)
-    les = np.asarray(lesion, dtype=bool)
+        prob = predict_cached(model_from_checkpoint(ck, dev), cached.images[held].to(dev)).cpu()
+        scores.append(image_scores(prob, cached.labels[held], recipe.threshold))
+    top, dice, outlined, les = (torch.cat([s[k] for s in scores]).numpy() for k in ("top", "dice", "outlined", "lesion"))
     curve = []
     for g in GATES:
-        kept = (p >= g) & (ne > 0)
-        per_image = np.where(les, d * kept, 1.0 - kept)
+        kept = (top >= g) & outlined
+        per_image = np.where(les, dice * kept, 1.0 - kept)
         curve.append({
             "gate": g, "score": float(per_image.mean()), "lesion_dice": float(per_image[les].mean()),
             "normal_fp": float(kept[~les].mean()), "lesions_missed": int((les & ~kept).sum()),
         })  # fmt: skip
     best = max(curve, key=lambda c: (round(c["score"], 6), -c["gate"]))  # on a tie, the lower gate
-    result = {"chosen": best["gate"], "n_images": len(d), "curve": curve}
+    result = {"chosen": best["gate"], "n_images": len(dice), "curve": curve}
     write_json(result, Path(out) / "gate.json")
     gate_plot(result, Path(out) / "gate.png")
     for ck, path in zip(checkpoints, paths):

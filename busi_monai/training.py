@@ -225,16 +225,27 @@ def predict_cached(model, images: torch.Tensor, batch_size: int = 16, amp: bool 
     return torch.cat(outs) if outs else images.new_zeros(images.shape)
 
 
+def image_scores(prob: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> dict[str, torch.Tensor]:
+    """Per image of (N, 1, S, S) probabilities: ``lesion`` (the truth has one), ``outlined``
+    (the mask has one), ``dice`` against the truth, and ``top``, the highest probability."""
+    pred = (prob > threshold).float().flatten(1)
+    truth = labels.flatten(1)
+    return {
+        "lesion": truth.sum(1) > 0,
+        "outlined": pred.sum(1) > 0,
+        "dice": 2 * (pred * truth).sum(1) / (pred.sum(1) + truth.sum(1)).clamp(min=1),
+        "top": prob.flatten(1).amax(1),
+    }
+
+
 def quick_scores(prob: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> dict:
     """Validation numbers at training resolution: mean lesion Dice, normal false positives and
     the selection score over all images."""
-    pred = (prob > threshold).float()
-    inter = (pred * labels).flatten(1).sum(1)
-    denom = pred.flatten(1).sum(1) + labels.flatten(1).sum(1)
-    has = labels.flatten(1).sum(1) > 0
-    per_image = torch.where(has, 2 * inter / denom.clamp(min=1), (denom == 0).float())
+    s = image_scores(prob, labels, threshold)
+    has = s["lesion"]
+    per_image = torch.where(has, s["dice"], (~s["outlined"]).float())
     dice = per_image[has]
-    normal_fp = (pred.flatten(1).sum(1) > 0)[~has]
+    normal_fp = s["outlined"][~has]
     return {
         "val_dice": float(dice.mean()) if dice.numel() else float("nan"),
         "val_normal_fp": float(normal_fp.float().mean()) if normal_fp.numel() else float("nan"),
@@ -286,8 +297,8 @@ def fit(
     ``init_checkpoint`` starts from earlier weights (as MONAI Label retraining does);
     ``resume`` continues ``out/last.pt`` where it stopped. Checkpoints are written after the
     first epoch, then whenever writing them costs at most ``checkpoint_overhead`` of the time
-    since the last write (every epoch on a CPU; every few seconds on a GPU, where writing
-    ~230 MB each 1-s epoch would double the run), and always at the end. Returns the summary.
+    since the last write (each of the CPU's 15-s epochs; every few of a GPU's ~1-s ones, where
+    writing ~230 MB each epoch would double the run), and always at the end. Returns the summary.
     """
     recipe = recipe or get_recipe(preset)
     out = Path(out)
