@@ -106,10 +106,13 @@ def test_next_sample_and_infer_nrrd_overlays_the_image(client):
     assert params["label_names"] == {"lesion": 1}
 
 
-def test_gradcam_heatmap_overlays_the_image(app, client):
-    """The Grad-CAM infer model returns the heatmap on the image's geometry, as Slicer loads it."""
+def test_gradcam_heatmap_overlays_the_image(app, client, trained_model):
+    """The Grad-CAM infer model returns the heatmap on the image's geometry, as Slicer loads it,
+    in the bands of the same heatmap `busi-monai explain` computes."""
     _, studies, _, _ = app
-    from busi_monai.explain import DEFAULT_LAYER
+    from busi_monai.explain import DEFAULT_LAYER, gradcam
+    from busi_monai.inference import Predictor
+    from busi_monai.io import read_image
 
     assert f"{MODEL}_gradcam" in client.info()["models"]
     image_id = sorted(k for k in _objects(client) if k.startswith("malignant"))[0]
@@ -119,6 +122,10 @@ def test_gradcam_heatmap_overlays_the_image(app, client):
     bands = itk.array_from_image(itk.imread(result)).squeeze()
     assert bands.max() == params["levels"] == 10 and len(np.unique(bands)) > 2
     assert params["layer"] == DEFAULT_LAYER
+    local = gradcam(Predictor(trained_model, device="cpu"), read_image(image_path), DEFAULT_LAYER)
+    expected = np.ceil(np.clip(local, 0, 1) * 10).astype(np.uint8).reshape(bands.shape)
+    # Float noise may move a pixel on a band edge by one band, nothing more.
+    assert np.abs(bands.astype(int) - expected).max() <= 1 and (bands != expected).mean() < 0.01
 
 
 def test_infer_png_in_the_datastore(app, client, trained_model):
