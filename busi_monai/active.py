@@ -16,6 +16,11 @@ k-center greedy on the network's bottleneck features, counting the labelled imag
 centres already, so one batch is not five near-duplicates of one lesion (BUSI has many) nor
 copies of what is labelled.
 
+``typiclust`` (Hacohen et al., ICML 2022, for small label budgets): k-means of all pool images'
+bottleneck features into ``labelled + K`` clusters; each pick is the most typical image (densest
+neighbourhood) of the largest cluster with the fewest labels, so the batch covers the common
+kinds of image before the odd ones, with no uncertainty at all.
+
 ``al-simulate`` replays a labelling session on a prepared dataset: the known masks of the
 training split play the annotator, each round retrains from the previous round's weights
 (as the app does) and is scored on the fixed test split.
@@ -39,7 +44,7 @@ from .io import write_json
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("random", "entropy", "bald", "tta", "bald_diverse")
+STRATEGIES = ("random", "entropy", "bald", "tta", "bald_diverse", "typiclust")
 # Best of random / bald / bald_diverse in benchmarks/active (BUSI, 64 px, 2 seeds): the only one
 # to reach 95% of the all-labels Dice within 200 labels; plain BALD picked 22 near-duplicates.
 DEFAULT_STRATEGY = "bald_diverse"
@@ -186,6 +191,71 @@ def diverse_top_k(
     return [candidates[i] for i in picked]
 
 
+def kmeans(features: torch.Tensor, k: int, seed: int = 0, iterations: int = 50) -> torch.Tensor:
+    """Cluster index ``(N,)`` of each row: Lloyd's k-means from a k-means++ start."""
+    n = features.shape[0]
+    k = max(1, min(k, n))
+    g = torch.Generator().manual_seed(seed)
+    centres = features[torch.randint(n, (1,), generator=g)]
+    for _ in range(1, k):
+        d2 = torch.cdist(features, centres).min(1).values.pow(2)
+        if float(d2.sum()) <= 0:  # fewer distinct rows than clusters
+            break
+        centres = torch.cat([centres, features[torch.multinomial(d2, 1, generator=g)]])
+    assign = torch.cdist(features, centres).argmin(1)
+    for _ in range(iterations):
+        sums = torch.zeros_like(centres).index_add_(0, assign, features)
+        counts = torch.bincount(assign, minlength=centres.shape[0]).clamp(min=1).unsqueeze(1)
+        centres = torch.where(counts > 0, sums / counts, centres)
+        new = torch.cdist(features, centres).argmin(1)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return assign
+
+
+def typicality(features: torch.Tensor, neighbours: int = 20) -> torch.Tensor:
+    """Inverse mean distance of each row to its nearest ``neighbours`` others: high in dense regions."""
+    n = features.shape[0]
+    if n < 2:
+        return torch.ones(n)
+    d = torch.cdist(features, features)
+    d.fill_diagonal_(float("inf"))
+    k = min(neighbours, n - 1)
+    return 1.0 / (d.topk(k, dim=1, largest=False).values.mean(1) + 1e-8)
+
+
+def typical_clusters(pool_features: torch.Tensor, labelled_features: torch.Tensor | None, k: int, seed: int = 0) -> list[int]:
+    """TypiClust: ``k`` rows of ``pool_features``, one per cluster, the most typical of the
+    largest clusters that hold the fewest labelled images."""
+    n_pool = pool_features.shape[0]
+    k = min(k, n_pool)
+    labelled = labelled_features if labelled_features is not None else pool_features[:0]
+    every = torch.cat([pool_features, labelled])
+    assign = kmeans(every, labelled.shape[0] + k, seed=seed)
+    n_clusters = int(assign.max()) + 1
+    size = torch.bincount(assign, minlength=n_clusters)
+    covered = torch.bincount(assign[n_pool:], minlength=n_clusters)
+    taken = torch.zeros(n_pool, dtype=torch.bool)
+    chosen: list[int] = []
+    while len(chosen) < k:
+        open_rows = ~taken & (size[assign[:n_pool]] > 0)
+        if not open_rows.any():
+            break
+        # Fewest labels first, then the largest cluster.
+        rank = covered.double() * (every.shape[0] + 1) - size.double()
+        rank[torch.bincount(assign[:n_pool][open_rows], minlength=n_clusters) == 0] = float("inf")
+        c = int(rank.argmin())
+        members = (assign == c).nonzero()[:, 0]
+        typ = typicality(every[members])
+        candidates = [(float(t), int(i)) for t, i in zip(typ, members) if i < n_pool and not taken[i]]
+        i = max(candidates)[1]
+        chosen.append(i)
+        taken[i] = True
+        covered[c] += 1
+    return chosen
+
+
 @dataclass
 class Selection:
     indices: list[int]  # into the unlabelled pool
@@ -218,6 +288,11 @@ def select(
             idx = diverse_top_k(scores, bottleneck_features(net, pool_images), k, labelled)
         else:
             idx = top_k(scores, k)
+    elif strategy == "typiclust":
+        net = predictor.network
+        labelled = bottleneck_features(net, labelled_images) if labelled_images is not None and len(labelled_images) else None
+        idx = typical_clusters(bottleneck_features(net, pool_images), labelled, k, seed=rng.randrange(2**31))
+        return Selection(idx, None)
     else:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     return Selection(idx, [float(scores[i]) for i in idx])

@@ -11,8 +11,10 @@ from busi_monai.active import (
     STRATEGIES,
     diverse_top_k,
     k_center_greedy,
+    kmeans,
     labels_to_reach,
     select,
+    typical_clusters,
     uncertainty_scores,
 )
 
@@ -62,9 +64,30 @@ def test_select_with_a_network_on_duplicated_images():
     for strategy in STRATEGIES:
         sel = select(strategy, predictor, pool, 2, random.Random(0), labelled_images=distinct[3:], mc_passes=3)
         assert len(set(sel.indices)) == 2 and all(0 <= i < len(pool) for i in sel.indices)
-        if strategy == "bald_diverse":
+        if strategy in ("bald_diverse", "typiclust"):
             assert not {0, 1} <= set(sel.indices)
     assert DEFAULT_STRATEGY in STRATEGIES
+
+
+def test_typiclust_covers_unlabelled_kinds_with_their_most_typical_image():
+    torch.manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0]])
+    big, medium, small = (c + 0.3 * torch.randn(n, 2) for c, n in zip(centres, (60, 30, 8)))
+    pool = torch.cat([big, medium, small])
+    assert torch.bincount(kmeans(pool, 3)).sort().values.tolist() == [8, 30, 60]
+    blob = lambda row: 0 if row < 60 else 1 if row < 90 else 2  # noqa: E731
+    # Nothing labelled: one pick per blob, a typical one.
+    picks = typical_clusters(pool, None, 3)
+    assert sorted(map(blob, picks)) == [0, 1, 2]
+    for p in picks:  # nearer its blob's middle than most of the blob
+        members = pool[[i for i in range(len(pool)) if blob(i) == blob(p)]]
+        to_middle = (members - members.mean(0)).norm(dim=1)
+        assert float((pool[p] - members.mean(0)).norm()) <= float(to_middle.median())
+    # Three equal blobs, the first labelled twice already: whichever blob k-means splits into
+    # the fourth cluster, the two picks go to the blobs nobody has labelled.
+    pool = torch.cat([c + 0.3 * torch.randn(30, 2) for c in centres])
+    labelled = centres[0] + 0.1 * torch.randn(2, 2)
+    assert sorted(p // 30 for p in typical_clusters(pool, labelled, 2)) == [1, 2]
 
 
 def test_labels_to_reach_interpolates_between_rounds():
