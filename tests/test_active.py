@@ -2,7 +2,10 @@
 
 import json
 import random
+import types
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,16 +144,20 @@ class _FakeDatastore:
         return self.infos[image_id]
 
 
-def test_app_diverse_strategy_skips_a_near_duplicate_of_a_fresh_label(monkeypatch):
+def _import_app_lib(monkeypatch):
     import sys
 
-    from busi_monai.active import DIVERSITY_POOL
-
-    app_dir = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "apps" / "busi")
+    app_dir = str(Path(__file__).resolve().parents[1] / "apps" / "busi")
     monkeypatch.syspath_prepend(app_dir)
     for m in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:
         monkeypatch.delitem(sys.modules, m)
     pytest.importorskip("monailabel")
+
+
+def test_app_diverse_strategy_skips_a_near_duplicate_of_a_fresh_label(monkeypatch):
+    from busi_monai.active import DIVERSITY_POOL
+
+    _import_app_lib(monkeypatch)
     from lib.activelearning.mc_dropout import (
         MCDropoutDiverseStrategy,
         MCDropoutStrategy,
@@ -172,6 +179,75 @@ def test_app_diverse_strategy_skips_a_near_duplicate_of_a_fresh_label(monkeypatc
     ds.labelled = set()
     infos["a"]["mc_dropout_version"] = "v0"
     assert MCDropoutDiverseStrategy()({"strategy": "mc_dropout_diverse"}, ds)["id"] == "a_dup"
+
+
+def test_app_typiclust_asks_for_the_typical_image_of_a_kind_nobody_labelled(monkeypatch):
+    _import_app_lib(monkeypatch)
+    from lib.activelearning.mc_dropout import TypiClustStrategy
+
+    v = "v1"
+
+    def info(score, emb, version=v):
+        return {"mc_dropout_score": score, "mc_dropout_version": version, "mc_dropout_embedding": emb, "mc_dropout_embedding_version": version}
+
+    infos = {
+        # Kind A: labelled already (embedded under the current weights, as scoring does), plus a
+        # very uncertain copy. Kind B: nobody labelled it; b_mid sits in its middle.
+        "a": info(0.1, [1.0, 0.0]),
+        "a_dup": info(0.9, [0.99, 0.01]),
+        "b_left": info(0.2, [0.0, 1.0]),
+        "b_mid": info(0.1, [0.05, 1.0]),
+        "b_right": info(0.2, [0.1, 1.0]),
+    }
+    ds = _FakeDatastore(infos, labelled={"a"})
+    assert TypiClustStrategy()({"strategy": "typiclust"}, ds)["id"] == "b_mid"
+    # Without the labelled image's features (another model's), kind A is the bigger uncovered one.
+    infos["a"]["mc_dropout_embedding_version"] = "v0"
+    infos["a_dup"]["mc_dropout_embedding"] = [1.0, 0.0]
+    infos["a_dup2"] = info(0.3, [1.0, 0.01])
+    infos["a_dup3"] = info(0.3, [1.0, -0.01])
+    infos["a_dup4"] = info(0.3, [0.99, 0.0])
+    assert TypiClustStrategy()({"strategy": "typiclust"}, ds)["id"].startswith("a_dup")
+
+
+def test_app_scoring_embeds_labelled_images_for_typiclust(monkeypatch, tmp_path):
+    """Without score_labeled, labelled images get features (no score) under the current weights."""
+    _import_app_lib(monkeypatch)
+    from busi_monai.checkpoint import make_checkpoint
+    from busi_monai.inference import Predictor
+    from busi_monai.io import Image2D, write_array
+    from busi_monai.networks import build_network
+    from busi_monai.presets import get_recipe
+    from lib.scoring.mc_dropout import EMBEDDING_DIM, MCDropoutScoring
+
+    torch.manual_seed(0)
+    predictor = Predictor(make_checkpoint(build_network("fast"), get_recipe("fast").with_overrides(image_size=32), "fast"), device="cpu", tta=False)
+    paths = {}
+    for name in ("lab", "unl1", "unl2"):
+        paths[name] = write_array(np.random.default_rng(len(name)).random((40, 48)).astype(np.float32), tmp_path / f"{name}.nii.gz", like=Image2D(np.zeros((40, 48), np.float32)))
+
+    class Datastore(_FakeDatastore):
+        def get_labeled_images(self, label_tag=None, labels=None):
+            return sorted(self.labelled)
+
+        def get_image_uri(self, image_id):
+            return str(paths[image_id])
+
+        def update_image_info(self, image_id, info):
+            self.infos[image_id].update(info)
+
+    class Served:
+        def get(self):
+            return predictor, types.SimpleNamespace(version="w1")
+
+    ds = Datastore({k: {} for k in paths}, labelled={"lab"})
+    scoring = MCDropoutScoring(Served(), types.SimpleNamespace(mc_passes=3, score_labeled=False))
+    result = scoring({}, ds)
+    assert set(result) == {"unl1", "unl2"}  # MC-dropout scores for the unlabelled only
+    assert "mc_dropout_score" not in ds.infos["lab"]
+    for k in paths:
+        assert ds.infos[k]["mc_dropout_embedding_version"] == "w1" and len(ds.infos[k]["mc_dropout_embedding"]) == EMBEDDING_DIM
+    assert scoring({}, ds) == {}  # nothing left to do under the same weights
 
 
 def test_al_merge_combines_parts_run_in_separate_processes(tmp_path):

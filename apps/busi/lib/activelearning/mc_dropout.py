@@ -9,6 +9,10 @@ keeps in the datastore.
   next training, are not handed five frames of the same lesion (BUSI has many). Images
   labelled before the current weights need no such guard: the model has learned them, so
   their near-duplicates score low already.
+* ``typiclust``: ``typiclust`` of ``busi-monai al-simulate``, one image at a time: k-means of
+  every image's bottleneck features (labelled ones included, scored for their features
+  only) into ``labelled + 1`` clusters; the most typical unlabelled image of the largest
+  cluster with the fewest labels. No uncertainty: it covers the common kinds of image first.
 
 An image handed out in the last hour (to anyone, by the same strategy) is passed over so that
 "Next Sample" again moves on; when every image was handed out recently, the one handed out
@@ -27,8 +31,8 @@ import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from busi_monai.active import DIVERSITY_POOL, k_center_greedy
-from lib.scoring.mc_dropout import EMBEDDING_KEY, KEY
+from busi_monai.active import DIVERSITY_POOL, k_center_greedy, typical_clusters
+from lib.scoring.mc_dropout import EMBEDDING_KEY, EMBEDDING_VERSION_KEY, KEY
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +58,20 @@ class MCDropoutStrategy(Strategy):
 
     def choose(self, fresh: list[Candidate], datastore: Datastore, strategy: str, now: int) -> Candidate:
         return max(fresh, key=lambda c: c.score)
+
+    def _covered(self, datastore: Datastore, strategy: str, version: str | None, now: int, version_key: str) -> list[list[float]]:
+        """Embeddings under ``version`` (as ``version_key`` of the image info says) of the labelled
+        images and of those handed out recently."""
+        unlabelled = set(datastore.get_unlabeled_images())
+        out = []
+        for image_id in datastore.list_images():
+            info = datastore.get_image_info(image_id)
+            emb = info.get(EMBEDDING_KEY)
+            if not emb or info.get(version_key, info.get("mc_dropout_version")) != version:
+                continue
+            if image_id not in unlabelled or now - self._served_ts(info, strategy) < self.reset_s:
+                out.append(emb)
+        return out
 
     def __call__(self, request, datastore: Datastore):
         reload = getattr(datastore, "_init_from_datastore_file", None)
@@ -96,22 +114,29 @@ class MCDropoutDiverseStrategy(MCDropoutStrategy):
         candidates = sorted((c for c in fresh if c.version == version and c.embedding), key=lambda c: -c.score)[:DIVERSITY_POOL]
         if not candidates:
             return max(fresh, key=lambda c: c.score)
-        centres = self._picked_since_training(datastore, strategy, version, now)
+        # Images labelled before these weights are not counted: the model has learned them.
+        centres = self._covered(datastore, strategy, version, now, version_key="mc_dropout_version")
         if not centres:
             return candidates[0]
         feats = torch.tensor([c.embedding for c in candidates], dtype=torch.float32)
         return candidates[k_center_greedy(feats, 1, torch.tensor(centres, dtype=torch.float32))[0]]
 
-    def _picked_since_training(self, datastore: Datastore, strategy: str, version: str | None, now: int) -> list[list[float]]:
-        """Embeddings, under the current weights, of images labelled since or handed out recently."""
-        unlabelled = set(datastore.get_unlabeled_images())
-        out = []
-        for image_id in datastore.list_images():
-            info = datastore.get_image_info(image_id)
-            emb = info.get(EMBEDDING_KEY)
-            if not emb or info.get("mc_dropout_version") != version:
-                continue
-            handed_out = now - self._served_ts(info, strategy) < self.reset_s
-            if image_id not in unlabelled or handed_out:
-                out.append(emb)
-        return out
+
+class TypiClustStrategy(MCDropoutStrategy):
+    name = "typiclust"
+
+    def __init__(self, reset_s: int = 3600):
+        super().__init__(
+            reset_s,
+            "Most typical image of the kind of image least covered by labels (TypiClust on the network's features)",
+        )
+
+    def choose(self, fresh: list[Candidate], datastore: Datastore, strategy: str, now: int) -> Candidate:
+        version = max(fresh, key=lambda c: c.score).version
+        pool = [c for c in fresh if c.version == version and c.embedding]
+        if not pool:
+            return max(fresh, key=lambda c: c.score)
+        covered = self._covered(datastore, strategy, version, now, version_key=EMBEDDING_VERSION_KEY)
+        feats = torch.tensor([c.embedding for c in pool], dtype=torch.float32)
+        centres = torch.tensor(covered, dtype=torch.float32) if covered else None
+        return pool[typical_clusters(feats, centres, 1)[0]]

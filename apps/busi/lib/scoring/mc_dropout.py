@@ -13,9 +13,12 @@ info (as MONAI Label's epistemic scoring does):
 * ``mc_dropout_entropy``: the predictive entropy (bits) of the averaged probability (total);
 * ``mc_dropout_std``: mean per-pixel standard deviation of the passes;
 * ``mc_dropout_embedding``: 32 numbers of what the network sees of the image (its bottleneck
-  features, randomly projected), so ``mc_dropout_diverse`` can tell near-duplicates apart;
+  features, randomly projected), so ``typiclust`` can tell the kinds of image apart and
+  ``mc_dropout_diverse`` the near-duplicates;
 * ``mc_dropout_version`` / ``mc_dropout_passes`` / ``mc_dropout_ts``: the weights and passes
-  the score belongs to. Images already scored for the current weights are skipped, so the
+  the score belongs to; ``mc_dropout_embedding_version``: the weights the embedding belongs
+  to. Labelled images get the embedding alone (one plain pass), because ``typiclust`` needs
+  to know which kinds of image the labels cover. Images already scored for the current weights are skipped, so the
   rescoring MONAI Label triggers after each training, at start and at each Next Sample only
   computes what changed.
 """
@@ -37,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 KEY = "mc_dropout_score"
 EMBEDDING_KEY = "mc_dropout_embedding"
+EMBEDDING_VERSION_KEY = "mc_dropout_embedding_version"
 EMBEDDING_DIM = 32
 CHUNK = 16
 
@@ -130,7 +134,6 @@ class MCDropoutScoring(ScoringMethod):
         return out
 
     def __call__(self, request, datastore: Datastore):
-        from busi_monai.io import BusiInputError, read_image
         from lib.configs.attention_unet import ModelNotAvailable
 
         passes = int(request.get("mc_passes", self.settings.mc_passes))
@@ -143,34 +146,55 @@ class MCDropoutScoring(ScoringMethod):
             # A background task: leave half the cores to the server's interactive infer.
             torch.set_num_threads(max(1, torch.get_num_threads() // 2))
         todo = self.outdated(datastore, version.version, passes)
-        logger.info("mc_dropout: %d image(s) to score with model %s, %d passes on %s", len(todo), version.version, passes, predictor.device)
+        scored = set(self.images_to_score(datastore))
+        embed_only = [
+            i for i in datastore.list_images()
+            if i not in scored and datastore.get_image_info(i).get(EMBEDDING_VERSION_KEY) != version.version
+        ]  # fmt: skip
+        logger.info(
+            "mc_dropout: %d image(s) to score and %d labelled to embed with model %s, %d passes on %s",
+            len(todo), len(embed_only), version.version, passes, predictor.device,
+        )  # fmt: skip
         # Resolve every path before the first write: our own write of datastore_v2.json makes the
         # datastore reload it, and while it reloads its base path is briefly empty.
-        uris = {image_id: datastore.get_image_uri(image_id) for image_id in todo}
+        uris = {image_id: datastore.get_image_uri(image_id) for image_id in todo + embed_only}
         result, t0 = {}, time.time()
         torch.manual_seed(0)
-        for start in range(0, len(todo), CHUNK):
+        for ids, images in self._chunks(todo, uris):
+            probs = predictor.mc_dropout(images, passes)
+            ts = int(time.time())
+            updates = {}
+            for image_id, s, emb in zip(ids, uncertainty(probs), self._embeddings(predictor, images)):
+                s = {k: round(v, 8) for k, v in s.items()}
+                s.update(mc_dropout_version=version.version, mc_dropout_passes=passes, mc_dropout_ts=ts)
+                s.update({EMBEDDING_KEY: emb, EMBEDDING_VERSION_KEY: version.version})
+                updates[image_id] = s
+            store_image_infos(datastore, updates)
+            result.update(updates)
+        for ids, images in self._chunks(embed_only, uris):
+            updates = {i: {EMBEDDING_KEY: emb, EMBEDDING_VERSION_KEY: version.version} for i, emb in zip(ids, self._embeddings(predictor, images))}
+            store_image_infos(datastore, updates)
+        logger.info("mc_dropout: scored %d image(s) and embedded %d in %.1fs", len(result), len(embed_only), time.time() - t0)
+        return result
+
+    @staticmethod
+    def _chunks(image_ids: list[str], uris: dict[str, str]):
+        """(ids, images) of up to :data:`CHUNK` readable images at a time."""
+        from busi_monai.io import BusiInputError, read_image
+
+        for start in range(0, len(image_ids), CHUNK):
             ids, images = [], []
-            for image_id in todo[start : start + CHUNK]:
+            for image_id in image_ids[start : start + CHUNK]:
                 try:
                     images.append(read_image(uris[image_id]))
                     ids.append(image_id)
                 except BusiInputError as e:
                     logger.warning("mc_dropout: cannot score %s: %s", image_id, e)
-            if not images:
-                continue
-            probs = predictor.mc_dropout(images, passes)
-            # What the network sees of each image, for the diversity of mc_dropout_diverse's picks.
-            batch = torch.stack([predictor.preprocess(im) for im in images]).to(predictor.device)
-            embeddings = compact_embedding(bottleneck_features(predictor.network, batch)).tolist()
-            ts = int(time.time())
-            updates = {}
-            for image_id, s, emb in zip(ids, uncertainty(probs), embeddings):
-                s = {k: round(v, 8) for k, v in s.items()}
-                s.update(mc_dropout_version=version.version, mc_dropout_passes=passes, mc_dropout_ts=ts)
-                s[EMBEDDING_KEY] = [round(v, 4) for v in emb]
-                updates[image_id] = s
-            store_image_infos(datastore, updates)
-            result.update(updates)
-        logger.info("mc_dropout: scored %d image(s) in %.1fs", len(result), time.time() - t0)
-        return result
+            if images:
+                yield ids, images
+
+    @staticmethod
+    def _embeddings(predictor, images) -> list[list[float]]:
+        """What the network sees of each image, for the diversity and coverage of the strategies' picks."""
+        batch = torch.stack([predictor.preprocess(im) for im in images]).to(predictor.device)
+        return [[round(v, 4) for v in emb] for emb in compact_embedding(bottleneck_features(predictor.network, batch)).tolist()]
