@@ -82,7 +82,7 @@ def test_info_lists_model_trainer_labels_strategies(client):
     assert info["models"][MODEL]["labels"] == {"lesion": 1}
     assert info["models"][MODEL]["dimension"] == 2
     # The measured best strategy comes first: Slicer's MONAI Label module selects the first.
-    assert list(info["strategies"])[:3] == ["mc_dropout_diverse", "mc_dropout", "random"]
+    assert list(info["strategies"]) == ["typiclust", "mc_dropout_diverse", "mc_dropout", "random"]
     assert "mc_dropout" in info["scoring"]
     cfg = info["trainers"][MODEL]["config"]
     assert {"max_epochs", "train_batch_size", "learning_rate", "val_split", "image_size", "device"} <= set(cfg)
@@ -178,6 +178,9 @@ def test_mc_dropout_scores_and_next_sample(client):
     # Asked again (the first one not labelled yet), it moves on to the next most uncertain.
     res2 = client.next_sample("mc_dropout", {})
     assert res2["id"] == max((k for k in unlabelled if k != best), key=lambda k: scores[k])
+    # TypiClust hands out unlabelled images too, one it has not handed out yet each time.
+    first, second = client.next_sample("typiclust", {}), client.next_sample("typiclust", {})
+    assert {first["id"], second["id"]} <= set(unlabelled) and first["id"] != second["id"]
 
 
 def _slicer_label(image_path: Path, out: Path, mask: np.ndarray) -> Path:

@@ -30,7 +30,7 @@ from busi_monai.serve import MODEL_FILENAME, STATS_FILENAME, default_model_dir
 
 from lib.infers.attention_unet import AttentionUNetInfer, GradCamInfer
 from lib.trainers.attention_unet import AttentionUNetTrain
-from lib.activelearning.mc_dropout import MCDropoutDiverseStrategy, MCDropoutStrategy
+from lib.activelearning.mc_dropout import MCDropoutDiverseStrategy, MCDropoutStrategy, TypiClustStrategy
 from lib.scoring.mc_dropout import MCDropoutScoring
 
 from monailabel.interfaces.config import TaskConfig
@@ -309,8 +309,8 @@ class AttentionUNet(TaskConfig):
         return AttentionUNetTrain(self.served, self.settings)
 
     def strategy(self):
-        # First is Slicer's default: diversity measured better than plain BALD (README, active learning).
-        return {"mc_dropout_diverse": MCDropoutDiverseStrategy(), "mc_dropout": MCDropoutStrategy()}
+        # First is Slicer's default: typiclust measured best, if within noise (README, active learning).
+        return {"typiclust": TypiClustStrategy(), "mc_dropout_diverse": MCDropoutDiverseStrategy(), "mc_dropout": MCDropoutStrategy()}
 
     def scoring_method(self):
         return {"mc_dropout": MCDropoutScoring(self.served, self.settings)}
