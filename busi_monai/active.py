@@ -206,8 +206,8 @@ def kmeans(features: torch.Tensor, k: int, seed: int = 0, iterations: int = 50) 
     assign = torch.cdist(features, centres).argmin(1)
     for _ in range(iterations):
         sums = torch.zeros_like(centres).index_add_(0, assign, features)
-        counts = torch.bincount(assign, minlength=centres.shape[0]).clamp(min=1).unsqueeze(1)
-        centres = torch.where(counts > 0, sums / counts, centres)
+        counts = torch.bincount(assign, minlength=centres.shape[0]).unsqueeze(1)
+        centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)  # an emptied cluster keeps its centre
         new = torch.cdist(features, centres).argmin(1)
         if torch.equal(new, assign):
             break
@@ -240,7 +240,7 @@ def typical_clusters(pool_features: torch.Tensor, labelled_features: torch.Tenso
     taken = torch.zeros(n_pool, dtype=torch.bool)
     chosen: list[int] = []
     while len(chosen) < k:
-        open_rows = ~taken & (size[assign[:n_pool]] > 0)
+        open_rows = ~taken
         if not open_rows.any():
             break
         # Fewest labels first, then the largest cluster.
