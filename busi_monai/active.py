@@ -45,8 +45,8 @@ from .io import write_json
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("random", "entropy", "bald", "tta", "bald_diverse", "typiclust")
-# Best of random / bald_diverse / typiclust on 8 paired seeds (benchmarks/active/run4-8seeds):
-# fewest labels to 95% of the all-labels Dice (217 vs 230 vs 249), though within the seeds'
+# Best of random / bald_diverse / typiclust on 12 paired seeds (benchmarks/active/run4-12seeds):
+# fewest labels to 95% of the all-labels Dice (204 vs 242 vs 242), though within the seeds'
 # spread; like bald_diverse it rarely picks near-duplicates, and it needs no dropout passes.
 DEFAULT_STRATEGY = "typiclust"
 DIVERSITY_POOL = 3  # bald_diverse draws its K picks from the 3K most uncertain images
