@@ -275,6 +275,13 @@ def select(
     """The ``k`` unlabelled images (rows of ``pool_images``) that ``strategy`` asks to label next."""
     n = pool_images.shape[0]
     k = min(k, n)
+
+    def features() -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Bottleneck features of the pool and of the labelled images (None without any)."""
+        net = predictor.network
+        labelled = bottleneck_features(net, labelled_images) if labelled_images is not None and len(labelled_images) else None
+        return bottleneck_features(net, pool_images), labelled
+
     if strategy == "random":
         return Selection(sorted(rng.sample(range(n), k)), None)
     if strategy == "tta":
@@ -284,15 +291,13 @@ def select(
         s = uncertainty_scores(mc_dropout_probabilities(predictor, pool_images, mc_passes))
         scores = s["entropy"] if strategy == "entropy" else s["bald"]
         if strategy == "bald_diverse":
-            net = predictor.network
-            labelled = bottleneck_features(net, labelled_images) if labelled_images is not None and len(labelled_images) else None
-            idx = diverse_top_k(scores, bottleneck_features(net, pool_images), k, labelled)
+            pool_features, labelled_features = features()
+            idx = diverse_top_k(scores, pool_features, k, labelled_features)
         else:
             idx = top_k(scores, k)
     elif strategy == "typiclust":
-        net = predictor.network
-        labelled = bottleneck_features(net, labelled_images) if labelled_images is not None and len(labelled_images) else None
-        idx = typical_clusters(bottleneck_features(net, pool_images), labelled, k, seed=rng.randrange(2**31))
+        pool_features, labelled_features = features()
+        idx = typical_clusters(pool_features, labelled_features, k, seed=rng.randrange(2**31))
         return Selection(idx, None)
     else:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
