@@ -242,12 +242,16 @@ def test_app_scoring_embeds_labelled_images_for_typiclust(monkeypatch, tmp_path)
 
     ds = Datastore({k: {} for k in paths}, labelled={"lab"})
     scoring = MCDropoutScoring(Served(), types.SimpleNamespace(mc_passes=3, score_labeled=False))
+    assert scoring.work_left(ds, "w1", 3)
     result = scoring({}, ds)
     assert set(result) == {"unl1", "unl2"}  # MC-dropout scores for the unlabelled only
     assert "mc_dropout_score" not in ds.infos["lab"]
     for k in paths:
         assert ds.infos[k]["mc_dropout_embedding_version"] == "w1" and len(ds.infos[k]["mc_dropout_embedding"]) == EMBEDDING_DIM
-    assert scoring({}, ds) == {}  # nothing left to do under the same weights
+    assert not scoring.work_left(ds, "w1", 3) and scoring({}, ds) == {}  # nothing left under the same weights
+    # Only a labelled image's embedding outdated (a datastore from before embeddings): a run is due.
+    ds.infos["lab"]["mc_dropout_embedding_version"] = "w0"
+    assert scoring.work_left(ds, "w1", 3)
 
 
 def test_al_merge_combines_parts_run_in_separate_processes(tmp_path):

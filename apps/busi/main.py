@@ -139,11 +139,12 @@ class BusiApp(MONAILabelApp):
         if v is None:
             return False
         scorer = self._scoring_methods.get("mc_dropout")
-        return bool(scorer and scorer.outdated(self.datastore(), v.version, self.task.settings.mc_passes))
+        return bool(scorer and scorer.work_left(self.datastore(), v.version, self.task.settings.mc_passes))
 
     def async_scoring(self, method, params=None):
         # MONAI Label rescores at start, after each training and at each Next Sample; each run is a
-        # subprocess, so start one only when some image has no score for the current weights.
+        # subprocess, so start one only when some image has no score (or, labelled, no embedding)
+        # for the current weights.
         if not method and not self._scoring_needed():
             return {}
         return super().async_scoring(method, params)

@@ -125,13 +125,23 @@ class MCDropoutScoring(ScoringMethod):
             ids += [i for i in datastore.get_labeled_images() if i not in ids]
         return ids
 
-    def outdated(self, datastore: Datastore, version: str, passes: int) -> list[str]:
+    def outdated(self, datastore: Datastore, version: str, passes: int, image_ids: list[str]) -> list[str]:
+        """Of ``image_ids``, those without a score for these weights and passes."""
         out = []
-        for image_id in self.images_to_score(datastore):
+        for image_id in image_ids:
             info = datastore.get_image_info(image_id)
             if info.get("mc_dropout_version") != version or info.get("mc_dropout_passes") != passes:
                 out.append(image_id)
         return out
+
+    def unembedded(self, datastore: Datastore, version: str, scored: set[str]) -> list[str]:
+        """Images outside ``scored`` without an embedding from these weights (typiclust needs every image's)."""
+        return [i for i in datastore.list_images() if i not in scored and datastore.get_image_info(i).get(EMBEDDING_VERSION_KEY) != version]
+
+    def work_left(self, datastore: Datastore, version: str, passes: int) -> bool:
+        """Whether a run would score or embed anything."""
+        to_score = self.images_to_score(datastore)
+        return bool(self.outdated(datastore, version, passes, to_score) or self.unembedded(datastore, version, set(to_score)))
 
     def __call__(self, request, datastore: Datastore):
         from lib.configs.attention_unet import ModelNotAvailable
@@ -145,12 +155,9 @@ class MCDropoutScoring(ScoringMethod):
         if predictor.device.type == "cpu" and _in_task_subprocess():
             # A background task: leave half the cores to the server's interactive infer.
             torch.set_num_threads(max(1, torch.get_num_threads() // 2))
-        todo = self.outdated(datastore, version.version, passes)
-        scored = set(self.images_to_score(datastore))
-        embed_only = [
-            i for i in datastore.list_images()
-            if i not in scored and datastore.get_image_info(i).get(EMBEDDING_VERSION_KEY) != version.version
-        ]  # fmt: skip
+        to_score = self.images_to_score(datastore)
+        todo = self.outdated(datastore, version.version, passes, to_score)
+        embed_only = self.unembedded(datastore, version.version, set(to_score))
         logger.info(
             "mc_dropout: %d image(s) to score and %d labelled to embed with model %s, %d passes on %s",
             len(todo), len(embed_only), version.version, passes, predictor.device,
