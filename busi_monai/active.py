@@ -21,6 +21,12 @@ bottleneck features into ``labelled + K`` clusters; each pick is the most typica
 neighbourhood) of the largest cluster with the fewest labels, so the batch covers the common
 kinds of image before the odd ones, with no uncertainty at all.
 
+``oracle`` and ``oracle_lesions`` exist only in the simulator, as references: they ask for the
+images the current model gets most wrong *by their true masks* (lowest Dice; for ``oracle`` a
+normal image with a false outline scores 0, ``oracle_lesions`` asks for lesion images only),
+which no real strategy can know. Uncertainty strategies estimate that error; if asking for it
+outright does not save labels over ``random``, a better estimate will not either.
+
 ``al-simulate`` replays a labelling session on a prepared dataset: the known masks of the
 training split play the annotator, each round retrains from the previous round's weights
 (as the app does) and is scored on the fixed test split.
@@ -45,6 +51,12 @@ from .io import write_json
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("random", "entropy", "bald", "tta", "bald_diverse", "typiclust")
+# Read the unlabelled images' masks: yardsticks in al-simulate, never a choice in the app.
+# ``oracle``: the worst images by the selection score; ``oracle_lesions``: the worst lesion
+# images by Dice, normal images never asked for.
+ORACLE = "oracle"
+ORACLE_LESIONS = "oracle_lesions"
+SIMULATION_STRATEGIES = STRATEGIES + (ORACLE, ORACLE_LESIONS)
 # Best of random / bald_diverse / typiclust on 12 paired seeds (benchmarks/active/run4-12seeds):
 # fewest labels to 95% of the all-labels Dice (204 vs 242 vs 242), though within the seeds'
 # spread; like bald_diverse it rarely picks near-duplicates, and it needs no dropout passes.
@@ -257,6 +269,17 @@ def typical_clusters(pool_features: torch.Tensor, labelled_features: torch.Tenso
     return chosen
 
 
+@torch.no_grad()
+def true_scores(predictor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per image ``(N,)``: Dice of the predicted mask against the truth on lesion images, and on
+    normal images 1 for an empty mask, 0 for a false outline (what model selection scores)."""
+    from .training import image_scores
+
+    prob = torch.cat([predictor._forward(b.to(predictor.device)).cpu() for b in _batches(images, predictor.batch_size)])
+    s = image_scores(prob, labels, predictor.threshold)
+    return torch.where(s["lesion"], s["dice"], (~s["outlined"]).float())
+
+
 @dataclass
 class Selection:
     indices: list[int]  # into the unlabelled pool
@@ -271,8 +294,12 @@ def select(
     rng: random.Random,
     labelled_images: torch.Tensor | None = None,
     mc_passes: int = 8,
+    pool_labels: torch.Tensor | None = None,
 ) -> Selection:
-    """The ``k`` unlabelled images (rows of ``pool_images``) that ``strategy`` asks to label next."""
+    """The ``k`` unlabelled images (rows of ``pool_images``) that ``strategy`` asks to label next.
+
+    ``pool_labels`` (the pool's true masks) only for :data:`ORACLE`.
+    """
     n = pool_images.shape[0]
     k = min(k, n)
 
@@ -299,8 +326,15 @@ def select(
         pool_features, labelled_features = features()
         idx = typical_clusters(pool_features, labelled_features, k, seed=rng.randrange(2**31))
         return Selection(idx, None)
+    elif strategy in (ORACLE, ORACLE_LESIONS):
+        if pool_labels is None or len(pool_labels) != n:
+            raise ValueError(f"{strategy} reads the pool's true masks: pass pool_labels, one per pool image")
+        scores = -true_scores(predictor, pool_images, pool_labels)
+        if strategy == ORACLE_LESIONS:
+            scores[pool_labels.flatten(1).sum(1) == 0] = -float("inf")
+        idx = top_k(scores, k)
     else:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(SIMULATION_STRATEGIES)}")
     return Selection(idx, [float(scores[i]) for i in idx])
 
 
@@ -387,8 +421,8 @@ def simulate(
     from .training import cache_items, fit, load_datalist
 
     for s in strategies:
-        if s not in STRATEGIES:
-            raise ValueError(f"unknown strategy {s!r}; choose one of {', '.join(STRATEGIES)}")
+        if s not in SIMULATION_STRATEGIES:
+            raise ValueError(f"unknown strategy {s!r}; choose one of {', '.join(SIMULATION_STRATEGIES)}")
     base = get_recipe(preset).with_overrides(image_size=image_size, **(overrides or {}))
     # Each round trains on every label so far; model selection would need labels held back,
     # so the last epoch's weights are used throughout (no validation split).
@@ -458,7 +492,9 @@ def simulate(
                 unlabelled = [i for i in range(len(pool)) if i not in taken]
                 predictor = Predictor(ckpt, device=device, tta=False, amp=False)
                 t = time.time()
-                sel = select(strategy, predictor, pool.images[unlabelled], step, pick_rng, pool.images[labelled], mc_passes)
+                sel = select(
+                    strategy, predictor, pool.images[unlabelled], step, pick_rng, pool.images[labelled], mc_passes, pool.labels[unlabelled]
+                )
                 select_s = time.time() - t
                 picked = [unlabelled[i] for i in sel.indices]
                 picked_items = [pool.items[i] for i in picked]
@@ -603,7 +639,7 @@ def register_cli(sub) -> None:
     s = sub.add_parser("al-simulate", help="simulate active-learning labelling sessions; learning curves per strategy")
     s.add_argument("--data", required=True, help="prepared dataset dir (dataset.json with a test split)")
     s.add_argument("--out", required=True)
-    s.add_argument("--strategy", default=f"random,{DEFAULT_STRATEGY}", help=f"comma-separated, of: {', '.join(STRATEGIES)}")
+    s.add_argument("--strategy", default=f"random,{DEFAULT_STRATEGY}", help=f"comma-separated, of: {', '.join(SIMULATION_STRATEGIES)} ({ORACLE}, {ORACLE_LESIONS}: read the true masks, references)")
     s.add_argument("--initial", type=int, default=40, help="labelled images to start from (random)")
     s.add_argument("--step", type=int, default=40, help="images the strategy picks per round")
     s.add_argument("--rounds", type=int, default=5)

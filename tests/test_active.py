@@ -11,12 +11,15 @@ import torch
 
 from busi_monai.active import (
     DEFAULT_STRATEGY,
+    ORACLE,
+    ORACLE_LESIONS,
     STRATEGIES,
     diverse_top_k,
     k_center_greedy,
     kmeans,
     labels_to_reach,
     select,
+    true_scores,
     typical_clusters,
     uncertainty_scores,
 )
@@ -53,15 +56,20 @@ def test_diversity_never_picks_two_copies_of_one_image():
     assert 2 not in picks and len(set(picks) & {0, 1}) == 1
 
 
-def test_select_with_a_network_on_duplicated_images():
+def _untrained_predictor(size: int = 32):
+    """A fast-preset Predictor with seeded random weights."""
     from busi_monai.checkpoint import make_checkpoint
     from busi_monai.inference import Predictor
     from busi_monai.networks import build_network
     from busi_monai.presets import get_recipe
 
     torch.manual_seed(0)
-    recipe = get_recipe("fast").with_overrides(image_size=32)
-    predictor = Predictor(make_checkpoint(build_network("fast"), recipe, "fast"), device="cpu", tta=False)
+    recipe = get_recipe("fast").with_overrides(image_size=size)
+    return Predictor(make_checkpoint(build_network("fast"), recipe, "fast"), device="cpu", tta=False)
+
+
+def test_select_with_a_network_on_duplicated_images():
+    predictor = _untrained_predictor()
     distinct = torch.rand(4, 1, 32, 32)
     pool = torch.cat([distinct[:1], distinct[:1], distinct[1:]])  # rows 0 and 1 identical
     for strategy in STRATEGIES:
@@ -70,6 +78,27 @@ def test_select_with_a_network_on_duplicated_images():
         if strategy in ("bald_diverse", "typiclust"):
             assert not {0, 1} <= set(sel.indices)
     assert DEFAULT_STRATEGY in STRATEGIES
+
+
+def test_oracle_asks_for_what_the_model_gets_wrong_by_the_true_masks():
+    predictor = _untrained_predictor()
+    pool = torch.rand(5, 1, 32, 32)
+    with torch.no_grad():
+        pred = (predictor._forward(pool) > predictor.threshold).float()
+    truth = pred.clone()  # rows 0, 1, 4: exactly what the model draws
+    truth[2] = 1 - pred[2]  # the model misses the lesion entirely: Dice 0
+    quarter = torch.zeros_like(pred[3])
+    quarter[..., :16, :16] = 1
+    truth[3] = (pred[3] + quarter) % 2  # the model's outline, a quarter of the image flipped: 0 <= Dice < 1
+    scores = true_scores(predictor, pool, truth)
+    assert scores[[0, 1, 4]].tolist() == [1.0, 1.0, 1.0] and scores[2] == 0 and scores[3] < 1
+    sel = select(ORACLE, predictor, pool, 2, random.Random(0), pool_labels=truth)
+    assert sorted(sel.indices) == [2, 3]
+    lesion_only = select(ORACLE_LESIONS, predictor, pool, 2, random.Random(0), pool_labels=truth).indices
+    assert 3 in lesion_only and all(truth[i].sum() > 0 for i in lesion_only)
+    with pytest.raises(ValueError, match="pool_labels"):
+        select(ORACLE, predictor, pool, 2, random.Random(0))
+    assert ORACLE not in STRATEGIES and ORACLE_LESIONS not in STRATEGIES  # the app never offers them
 
 
 def test_typiclust_covers_unlabelled_kinds_with_their_most_typical_image():
