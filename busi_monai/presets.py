@@ -18,7 +18,7 @@ class Recipe:
     lr_decay: float = 0.95
     weight_decay: float = 0.0
     loss: str = "bce"  # "bce" (paper) or "dice_bce"
-    augment: str = "none"  # "none" (paper) or "ultrasound"
+    augment: str = "none"  # transforms.AUGMENTATIONS: "none" (paper), "ultrasound", "ultrasound+elastic"
     val_fraction: float = 0.1  # carved, by duplicate group, from the training split
     threshold: float = 0.5
     tta: bool = False

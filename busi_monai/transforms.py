@@ -89,14 +89,21 @@ class BatchAugment(torch.nn.Module):
     GPU epoch; the same operations as batched tensor ops cost microseconds. Each sample draws
     its own parameters: horizontal flip (the probe is at the top, so no vertical flip), an
     affine (+-15 deg, scale 0.85-1.15, shift +-6%), gamma 0.7-1.5, brightness/contrast,
-    blur (MONAI's GaussianFilter) and multiplicative speckle-like noise.
+    blur (MONAI's GaussianFilter) and multiplicative speckle-like noise. With ``p_elastic``, an
+    elastic warp too (a smooth random displacement, ``elastic_sigma`` of the half-width at
+    each point of a ``elastic_grid``-square control grid, bicubic between), through the same
+    sampling grid as the affine so image and mask move together.
     """
 
-    def __init__(self, p_affine: float = 0.7, p_gamma: float = 0.3, p_contrast: float = 0.3, p_blur: float = 0.2, p_noise: float = 0.3):
+    def __init__(
+        self, p_affine: float = 0.7, p_gamma: float = 0.3, p_contrast: float = 0.3, p_blur: float = 0.2, p_noise: float = 0.3,
+        p_elastic: float = 0.0, elastic_sigma: float = 0.04, elastic_grid: int = 5,
+    ):  # fmt: skip
         super().__init__()
         from monai.networks.layers import GaussianFilter
 
-        self.p = dict(affine=p_affine, gamma=p_gamma, contrast=p_contrast, blur=p_blur, noise=p_noise)
+        self.p = dict(affine=p_affine, gamma=p_gamma, contrast=p_contrast, blur=p_blur, noise=p_noise, elastic=p_elastic)
+        self.elastic_sigma, self.elastic_grid = elastic_sigma, elastic_grid
         self.blur = GaussianFilter(spatial_dims=2, sigma=1.0)
 
     @torch.no_grad()
@@ -120,6 +127,10 @@ class BatchAugment(torch.nn.Module):
         cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
         theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        if self.p["elastic"] > 0:  # drawn only when on, so `ultrasound` keeps its random stream
+            g = self.elastic_grid
+            coarse = torch.randn(b, 2, g, g, device=dev) * self.elastic_sigma * chance(self.p["elastic"])
+            grid = grid + F.interpolate(coarse, size=tuple(x.shape[-2:]), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         y = (F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).to(y.dtype)
         gamma = torch.exp((torch.rand(b, 1, 1, 1, device=dev) * 2 - 1) * 0.4)
@@ -133,13 +144,19 @@ class BatchAugment(torch.nn.Module):
         return x.clamp_(0, 1), y
 
 
+AUGMENTATIONS = ("none", "ultrasound", "ultrasound+elastic")
+
+
 def augmentation(kind: str) -> BatchAugment | None:
-    """The augmentation of a recipe: ``none`` (the paper's) or ``ultrasound``."""
+    """The augmentation of a recipe: ``none`` (the paper's), ``ultrasound``, or
+    ``ultrasound+elastic`` (the same and an elastic warp in 30% of the samples)."""
     if kind == "none":
         return None
     if kind == "ultrasound":
         return BatchAugment()
-    raise ValueError(f"unknown augmentation {kind!r}")
+    if kind == "ultrasound+elastic":
+        return BatchAugment(p_elastic=0.3)
+    raise ValueError(f"unknown augmentation {kind!r}; choose one of {', '.join(AUGMENTATIONS)}")
 
 
 def processed_mask(
