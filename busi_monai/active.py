@@ -406,6 +406,7 @@ def simulate(
     device: str = "auto",
     progress: bool = True,
     with_full: bool = True,
+    round_learning_rate: float | None = None,
 ) -> dict:
     """Replay labelling sessions and write ``out/curves.json`` and ``out/curves.png``.
 
@@ -415,6 +416,8 @@ def simulate(
     ``with_full``, a model trained from scratch on the whole pool for ``epochs_full`` epochs
     (default: as many as the last round's model has had, ``epochs_initial + rounds *
     epochs_per_round``) is the reference whose Dice the curves are measured against.
+    ``round_learning_rate`` is the peak rate of each retraining (default: the recipe's, as for
+    the initial and the all-labels models).
     """
     from .inference import Predictor
     from .presets import get_recipe
@@ -442,7 +445,7 @@ def simulate(
     config = {
         "data": str(data), "strategies": list(strategies), "initial": initial, "step": step, "rounds": n_rounds,
         "preset": preset, "seeds": list(seeds), "image_size": base.image_size, "epochs_initial": epochs_initial,
-        "epochs_per_round": epochs_per_round, "epochs_full": epochs_full if with_full else None, "mc_passes": mc_passes,
+        "epochs_per_round": epochs_per_round, "round_learning_rate": round_learning_rate or base.learning_rate, "epochs_full": epochs_full if with_full else None, "mc_passes": mc_passes,
         "overrides": dict(overrides or {}), "recipe": base.to_dict(), "pool_size": len(pool), "test_size": len(test),
         "n_test_lesion": int((test.labels.flatten(1).sum(1) > 0).sum()), "diversity_pool": DIVERSITY_POOL,
         "metrics": "test split at network resolution: mean Dice over lesion images, share of normal images with any predicted lesion pixel (raw mask)",
@@ -454,8 +457,8 @@ def simulate(
     bar = tqdm(total=total, desc="al-simulate", unit="train", disable=not progress)
     t_start = time.time()
 
-    def train(labelled_idx: list[int], epochs: int, run_dir: Path, init: Path | None, seed: int) -> tuple[Path, dict, float]:
-        recipe = base.with_overrides(epochs=epochs)
+    def train(labelled_idx: list[int], epochs: int, run_dir: Path, init: Path | None, seed: int, lr: float | None = None) -> tuple[Path, dict, float]:
+        recipe = base.with_overrides(epochs=epochs, learning_rate=lr)
         t = time.time()
         fit(_subset(pool, labelled_idx), _empty_like(pool), run_dir, preset, recipe, device, init_checkpoint=init, progress=False, seed=seed)
         ckpt = run_dir / "last.pt"
@@ -500,7 +503,7 @@ def simulate(
                 picked_items = [pool.items[i] for i in picked]
                 dups = _near_duplicates(picked_items, [pool.items[i] for i in labelled])
                 labelled += picked
-                ckpt, scores, secs = train(labelled, epochs_per_round, seed_dir / strategy / f"round{r}", ckpt, seed * 1000 + r)
+                ckpt, scores, secs = train(labelled, epochs_per_round, seed_dir / strategy / f"round{r}", ckpt, seed * 1000 + r, round_learning_rate)
                 curve.append({
                     "round": r, "labels": len(labelled), **scores, "train_s": round(secs, 1), "select_s": round(select_s, 1),
                     "picked_normal": sum(it.get("class") == "normal" for it in picked_items),
@@ -608,6 +611,9 @@ def merge_results(paths: list[str | Path], out: str | Path) -> dict:
         raise ValueError("no curves.json to merge")
     # Seeds, strategies and whether a part trained the all-labels reference may differ per part.
     ignore = {"seeds", "strategies", "epochs_full"}
+    for part in parts:  # results from before --round-learning-rate retrained at the recipe's rate
+        cfg = part["config"]
+        cfg.setdefault("round_learning_rate", cfg.get("recipe", {}).get("learning_rate"))
     first = {k: v for k, v in parts[0]["config"].items() if k not in ignore}
     for p, part in zip(paths, parts):
         if {k: v for k, v in part["config"].items() if k not in ignore} != first:
@@ -648,6 +654,7 @@ def register_cli(sub) -> None:
     s.add_argument("--image-size", type=int)
     s.add_argument("--epochs-initial", type=int, default=30)
     s.add_argument("--epochs-per-round", type=int, default=15, help="epochs of each retraining from the previous weights")
+    s.add_argument("--round-learning-rate", type=float, help="peak learning rate of each retraining (default: the recipe's)")
     s.add_argument("--epochs-full", type=int, help="epochs of the all-labels reference (default: initial + rounds x per-round)")
     s.add_argument("--no-full", action="store_true", help="skip the all-labels reference")
     s.add_argument("--mc-passes", type=int, default=8)
@@ -659,6 +666,7 @@ def register_cli(sub) -> None:
             a.data, a.out, [x.strip() for x in a.strategy.split(",") if x.strip()], a.initial, a.step, a.rounds, a.preset,
             [int(x) for x in a.seeds.split(",")], a.image_size, a.epochs_initial, a.epochs_per_round, a.epochs_full,
             a.mc_passes, dict(Recipe.parse_override(t) for t in a.set), a.device, with_full=not a.no_full,
+            round_learning_rate=a.round_learning_rate,
         )
         print(json.dumps(res["summary"], indent=2))
         print(f"wrote {Path(a.out) / 'curves.json'} and {Path(a.out) / 'curves.png'}")

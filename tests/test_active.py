@@ -136,9 +136,16 @@ def test_al_simulate_writes_curves_json_and_plot(prepared_sample, tmp_path):
         "al-simulate", "--data", str(prepared_sample), "--out", str(out), "--strategy", "random,bald_diverse",
         "--initial", "6", "--step", "4", "--rounds", "2", "--seeds", "0,1", "--image-size", "32",
         "--epochs-initial", "2", "--epochs-per-round", "1", "--epochs-full", "1", "--mc-passes", "3", "--device", "cpu",
+        "--round-learning-rate", "5e-4",
     ])
     assert rc == 0
     res = json.loads((out / "curves.json").read_text())
+    # The retrainings, and only they, ran at the round rate.
+    def rate(run: str) -> float:
+        return json.loads((out / "seed0" / run / "summary.json").read_text())["recipe"]["learning_rate"]
+
+    assert res["config"]["round_learning_rate"] == rate("random/round1") == 5e-4
+    assert rate("round0") == rate("full") == res["config"]["recipe"]["learning_rate"] != 5e-4
     assert len(res["full"]) == 2 and len(res["runs"]) == 4
     for run in res["runs"]:
         assert [p["labels"] for p in run["curve"]] == [6, 10, 14]
@@ -310,5 +317,9 @@ def test_al_merge_combines_parts_run_in_separate_processes(tmp_path):
         other = part(2, ["random"], False)
         data = json.loads(other.read_text())
         data["config"]["image_size"] = 64
+        other.write_text(json.dumps(data))
+        merge_results([tmp_path / "part0.json", other], tmp_path / "bad")
+    with pytest.raises(ValueError, match="other settings"):
+        data["config"].update(image_size=32, round_learning_rate=1e-4)  # part0 retrained at its recipe's rate
         other.write_text(json.dumps(data))
         merge_results([tmp_path / "part0.json", other], tmp_path / "bad")
