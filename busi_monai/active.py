@@ -518,6 +518,24 @@ def simulate(
     return result
 
 
+def paired_difference(runs: list[dict], strategy: str, baseline: str = "random") -> dict | None:
+    """Seed by seed, ``strategy``'s mean test Dice over the rounds after the first minus
+    ``baseline``'s from the same initial model: mean, standard error and wins (None without
+    a shared seed). Pairing removes the initial set's luck, which dominates the seeds' spread."""
+    base = {r["seed"]: r["curve"] for r in runs if r["strategy"] == baseline}
+    pairs = [(r["curve"], base[r["seed"]]) for r in runs if r["strategy"] == strategy and r["seed"] in base]
+    rounds = min((min(len(a), len(b)) for a, b in pairs), default=0)  # points every pair has
+    if rounds < 2:
+        return None
+    diff = np.array([np.mean([p["dice"] - q["dice"] for p, q in zip(a[1:rounds], b[1:rounds])]) for a, b in pairs])
+    return {
+        "seeds": len(diff),
+        "mean_dice_difference": float(diff.mean()),
+        "standard_error": float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else None,
+        "wins": int((diff > 0).sum()),
+    }
+
+
 def summarize(result: dict) -> dict:
     """Mean and spread over seeds per strategy and label count; labels to 95% of full Dice.
 
@@ -556,6 +574,9 @@ def summarize(result: dict) -> dict:
                 per_seed.append(labels_to_reach([p["labels"] for p in r["curve"]], [p["dice"] for p in r["curve"]], t))
             s["labels_to_target_per_seed"] = per_seed
         out["strategies"][strategy] = s
+    for strategy, s in out["strategies"].items():
+        if strategy != "random":
+            s["paired_vs_random"] = paired_difference(runs, strategy)
     rand = out["strategies"].get("random", {}).get("labels_to_target")
     if rand:
         for s in out["strategies"].values():
@@ -628,8 +649,9 @@ def merge_results(paths: list[str | Path], out: str | Path) -> dict:
         "config": config,
         "full": [f for part in parts for f in part["full"]],
         "runs": [r for part in parts for r in part["runs"]],
-        "wall_time_s": [part.get("wall_time_s") for part in parts],
-        "merged_from": [str(p) for p in paths],
+        # A part that is itself a merge contributes its own parts, so provenance stays flat.
+        "wall_time_s": [t for part in parts for t in (part["wall_time_s"] if "merged_from" in part else [part.get("wall_time_s")])],
+        "merged_from": [m for p, part in zip(paths, parts) for m in part.get("merged_from", [str(p)])],
     }
     result["summary"] = summarize(result)
     out = Path(out)

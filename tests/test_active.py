@@ -312,7 +312,18 @@ def test_al_merge_combines_parts_run_in_separate_processes(tmp_path):
     # 95% of 0.7 = 0.665: random (0.3 -> 0.6) never reaches it; the others (0.3 -> 0.7) by interpolation.
     assert s["strategies"]["random"]["labels_to_target"] is None
     assert s["strategies"]["bald_diverse"]["labels_to_target"] == pytest.approx(10 + (0.665 - 0.3) / 0.4 * 10)
+    # Paired with random seed by seed: +0.1 after the shared start on both seeds, one seed for bald.
+    paired = s["strategies"]["bald_diverse"]["paired_vs_random"]
+    assert paired["seeds"] == 2 and paired["wins"] == 2 and paired["mean_dice_difference"] == pytest.approx(0.1)
+    assert paired["standard_error"] == pytest.approx(0.0)
+    assert s["strategies"]["bald"]["paired_vs_random"]["seeds"] == 1 and s["strategies"]["bald"]["paired_vs_random"]["standard_error"] is None
+    assert "paired_vs_random" not in s["strategies"]["random"]
     assert (tmp_path / "merged" / "curves.png").is_file()
+    assert res["merged_from"] == [str(tmp_path / "part0.json"), str(tmp_path / "part1.json")]
+    # Merging a merge with a new part keeps the list of original parts flat.
+    again = merge_results([tmp_path / "merged" / "curves.json", part(3, ["random"], False)], tmp_path / "merged2")
+    assert again["merged_from"] == res["merged_from"] + [str(tmp_path / "part3.json")]
+    assert again["config"]["seeds"] == [0, 1, 3]
     with pytest.raises(ValueError, match="other settings"):
         other = part(2, ["random"], False)
         data = json.loads(other.read_text())
