@@ -298,7 +298,7 @@ def select(
 ) -> Selection:
     """The ``k`` unlabelled images (rows of ``pool_images``) that ``strategy`` asks to label next.
 
-    ``pool_labels`` (the pool's true masks) only for :data:`ORACLE`.
+    ``pool_labels`` (the pool's true masks): only the oracles, :data:`ORACLE` and :data:`ORACLE_LESIONS`, read them.
     """
     n = pool_images.shape[0]
     k = min(k, n)
