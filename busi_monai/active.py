@@ -270,14 +270,17 @@ def typical_clusters(pool_features: torch.Tensor, labelled_features: torch.Tenso
 
 
 @torch.no_grad()
-def true_scores(predictor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per image ``(N,)``: Dice of the predicted mask against the truth on lesion images, and on
-    normal images 1 for an empty mask, 0 for a false outline (what model selection scores)."""
-    from .training import image_scores
+def probabilities(predictor, images: torch.Tensor) -> torch.Tensor:
+    """Deterministic ``(N, 1, S, S)`` lesion probabilities of preprocessed images, in batches."""
+    return torch.cat([predictor._forward(b.to(predictor.device)).cpu() for b in _batches(images, predictor.batch_size)])
 
-    prob = torch.cat([predictor._forward(b.to(predictor.device)).cpu() for b in _batches(images, predictor.batch_size)])
-    s = image_scores(prob, labels, predictor.threshold)
-    return torch.where(s["lesion"], s["dice"], (~s["outlined"]).float())
+
+def true_scores(predictor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per image ``(N,)``: the model selection score against the true masks (Dice on lesion
+    images; on normal images 1 for an empty mask, 0 for a false outline)."""
+    from .training import image_scores, selection_scores
+
+    return selection_scores(image_scores(probabilities(predictor, images), labels, predictor.threshold))
 
 
 @dataclass
@@ -370,9 +373,7 @@ def _test_scores(checkpoint_path: Path, test, device: str) -> dict:
     from .training import quick_scores
 
     predictor = Predictor(checkpoint_path, device=device, tta=False, amp=False)
-    with torch.no_grad():
-        prob = torch.cat([predictor._forward(b.to(predictor.device)).cpu() for b in _batches(test.images, predictor.batch_size)])
-    s = quick_scores(prob, test.labels, predictor.threshold)
+    s = quick_scores(probabilities(predictor, test.images), test.labels, predictor.threshold)
     return {"dice": s["val_dice"], "normal_fp": s["val_normal_fp"]}
 
 

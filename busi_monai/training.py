@@ -238,18 +238,23 @@ def image_scores(prob: torch.Tensor, labels: torch.Tensor, threshold: float = 0.
     }
 
 
+def selection_scores(s: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per image of :func:`image_scores`: what model selection maximises, Dice on a lesion image
+    and, on a normal image, 1 for an empty mask and 0 for a false outline."""
+    return torch.where(s["lesion"], s["dice"], (~s["outlined"]).float())
+
+
 def quick_scores(prob: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> dict:
     """Validation numbers at training resolution: mean lesion Dice, normal false positives and
     the selection score over all images."""
     s = image_scores(prob, labels, threshold)
     has = s["lesion"]
-    per_image = torch.where(has, s["dice"], (~s["outlined"]).float())
+    per_image = selection_scores(s)
     dice = per_image[has]
     normal_fp = s["outlined"][~has]
     return {
         "val_dice": float(dice.mean()) if dice.numel() else float("nan"),
         "val_normal_fp": float(normal_fp.float().mean()) if normal_fp.numel() else float("nan"),
-        # What model selection maximises: Dice on lesion images, 1 for an empty mask on a normal image.
         "val_score": float(per_image.mean()) if per_image.numel() else float("nan"),
     }
 
