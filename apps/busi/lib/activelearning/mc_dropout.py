@@ -59,6 +59,12 @@ class MCDropoutStrategy(Strategy):
     def choose(self, fresh: list[Candidate], datastore: Datastore, strategy: str, now: int) -> Candidate:
         return max(fresh, key=lambda c: c.score)
 
+    @staticmethod
+    def _embedded_like_top_score(fresh: list[Candidate]) -> tuple[str | None, list[Candidate]]:
+        """The weights that gave the highest score, and the candidates with an embedding from those weights."""
+        version = max(fresh, key=lambda c: c.score).version
+        return version, [c for c in fresh if c.version == version and c.embedding]
+
     def _covered(self, datastore: Datastore, strategy: str, version: str | None, now: int, version_key: str) -> list[list[float]]:
         """Embeddings under ``version`` (as ``version_key`` of the image info says) of the labelled
         images and of those handed out recently."""
@@ -110,8 +116,8 @@ class MCDropoutDiverseStrategy(MCDropoutStrategy):
         )
 
     def choose(self, fresh: list[Candidate], datastore: Datastore, strategy: str, now: int) -> Candidate:
-        version = max(fresh, key=lambda c: c.score).version
-        candidates = sorted((c for c in fresh if c.version == version and c.embedding), key=lambda c: -c.score)[:DIVERSITY_POOL]
+        version, embedded = self._embedded_like_top_score(fresh)
+        candidates = sorted(embedded, key=lambda c: -c.score)[:DIVERSITY_POOL]
         if not candidates:
             return max(fresh, key=lambda c: c.score)
         # Images labelled before these weights are not counted: the model has learned them.
@@ -132,8 +138,7 @@ class TypiClustStrategy(MCDropoutStrategy):
         )
 
     def choose(self, fresh: list[Candidate], datastore: Datastore, strategy: str, now: int) -> Candidate:
-        version = max(fresh, key=lambda c: c.score).version
-        pool = [c for c in fresh if c.version == version and c.embedding]
+        version, pool = self._embedded_like_top_score(fresh)
         if not pool:
             return max(fresh, key=lambda c: c.score)
         covered = self._covered(datastore, strategy, version, now, version_key=EMBEDDING_VERSION_KEY)
