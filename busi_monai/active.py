@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .io import write_json
+from .jsonio import dumps, write_json
 
 log = logging.getLogger(__name__)
 
@@ -691,7 +691,7 @@ def register_cli(sub) -> None:
             a.mc_passes, dict(Recipe.parse_override(t) for t in a.set), a.device, with_full=not a.no_full,
             round_learning_rate=a.round_learning_rate,
         )
-        print(json.dumps(res["summary"], indent=2))
+        print(dumps(res["summary"]))
         print(f"wrote {Path(a.out) / 'curves.json'} and {Path(a.out) / 'curves.png'}")
 
     s.set_defaults(func=run)
@@ -702,6 +702,6 @@ def register_cli(sub) -> None:
 
     def run_merge(a):
         res = merge_results(a.curves, a.out)
-        print(json.dumps(res["summary"], indent=2))
+        print(dumps(res["summary"]))
 
     m.set_defaults(func=run_merge)

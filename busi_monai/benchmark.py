@@ -7,7 +7,6 @@ bf16 autocast and channels-last on a GPU, large inference batches, optional torc
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .io import write_json
+from .jsonio import dumps, write_json
 from .networks import build_network
 from .presets import get_recipe
 from .training import CachedData, cache_items, compile_network, load_pack, mixed_precision, resolve_device
@@ -347,6 +346,6 @@ def register_cli(sub) -> None:
         )  # fmt: skip
         res["wall_s"] = round(time.time() - t0, 1)
         write_json(res, a.out)
-        print(json.dumps(res, indent=2))
+        print(dumps(res))
 
     s.set_defaults(func=run)

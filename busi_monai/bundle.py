@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .jsonio import dumps
 
 TEMPLATE = Path(__file__).with_name("bundle_template")
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
@@ -324,12 +325,12 @@ def export_bundle(
                 for key, rkey in (("epochs", "epochs"), ("batch_size", "batch_size"), ("learning_rate", "learning_rate"), ("lr_decay", "lr_decay")):
                     if rkey in recipe and recipe.get("lr_schedule", "exponential") == "exponential":
                         cfg[key] = recipe[rkey]
-            p.write_text(json.dumps(cfg, indent=4) + "\n")
+            p.write_text(dumps(cfg, indent=4) + "\n")
 
         meta = make_metadata(ckpt, version, eval_metrics, image_size)
         meta["name"] = name
         meta["busi_monai"]["averaged"] = {"members": len(members), "flips": flips} if averaged else None
-        (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4) + "\n")
+        (tmp / "configs" / "metadata.json").write_text(dumps(meta, indent=4) + "\n")
 
         (tmp / "models").mkdir()
         nets = [model_from_checkpoint({**m, "network": net_cfg, "state_dict": _bundle_state_dict(m)}) for m in members]

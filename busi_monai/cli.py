@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
+from .jsonio import dumps
 from .presets import PRESETS, Recipe
 
 
 def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+    print(dumps(obj))
 
 
 def cmd_prepare(a):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .presets import get_recipe
-from .io import write_json
+from .jsonio import dumps, write_json
 from .training import (
     CachedData,
     TrainingError,
@@ -271,6 +271,6 @@ def register_cli(sub) -> None:
             overrides=dict(Recipe.parse_override(t) for t in a.set), compile_model=a.compile, jobs=a.jobs,
             skip_training=a.skip_training,
         )  # fmt: skip
-        print(json.dumps(res, indent=2))
+        print(dumps(res))
 
     s.set_defaults(func=run)

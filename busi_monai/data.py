@@ -26,7 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .io import BusiInputError, Image2D, atomic_path, read_image, read_mask, write_array, write_json
+from .io import BusiInputError, Image2D, atomic_path, read_image, read_mask, write_array
+from .jsonio import write_json
 
 CLASSES = ("benign", "malignant", "normal")
 _NAME_RE = re.compile(r"^(?P<cls>[A-Za-z]+) \((?P<num>\d+)\)(?P<mask>_mask(?:_(?P<k>\d+))?)?\.png$", re.IGNORECASE)
@@ -441,6 +442,8 @@ def group_class(classes: Sequence[str]) -> str:
     (the rarer, clinically decisive class), else the majority class of the members (ties go
     to ``benign``, i.e. lesion over normal)."""
     classes = list(classes)
+    if len(set(classes)) == 1:  # one class (also one the BUSI release does not name, e.g. "lesion")
+        return classes[0]
     if "malignant" in classes:
         return "malignant"
     nb, nn = classes.count("benign"), classes.count("normal")

@@ -12,7 +12,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .inference import Predictor
-from .io import read_image, read_mask, write_json
+from .io import read_image, read_mask
+from .jsonio import write_json
 from .metrics import image_metrics, summarize
 from .training import load_datalist
 

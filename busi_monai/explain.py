@@ -53,6 +53,7 @@ import torch.nn as nn
 from monai.visualize import GradCAM
 
 from .io import BusiInputError, Image2D, read_image, read_mask, suffix_of, write_array
+from .jsonio import dumps
 from .networks import attention_gate_modules
 from .transforms import restore_size
 
@@ -406,11 +407,10 @@ def explain_files(model, images: list, out: str | Path, labels: list | None = No
 
 
 def cmd_explain(a):
-    import json
 
     recs = explain_files(a.model, a.images, a.out, a.labels, a.layer, a.device)
     for r in recs:
-        print(json.dumps(r))
+        print(dumps(r, indent=None))
 
 
 def register_cli(sub) -> None:

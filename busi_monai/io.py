@@ -9,7 +9,6 @@ direction) follows ITK (LPS), which is what 3D Slicer reads, so a mask written w
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import re
 import struct
@@ -292,12 +291,6 @@ def atomic_path(path: str | Path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def write_json(obj, path: str | Path) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
 
 
 def write_array(array: np.ndarray, path: str | Path, like: Image2D | None = None) -> str:

@@ -108,7 +108,8 @@ def training_curves(history: list[dict], path: Path) -> None:
     if any(v is not None for v in chosen):
         best = int(np.nanargmax([np.nan if v is None else v for v in chosen]))
         axes[1].axvline(ep[best], color="0.6", lw=0.8, ls=":")
-        axes[1].annotate(f"kept: epoch {ep[best]}, Dice {vd[best]:.3f}", (ep[best], vd[best]), fontsize=8, xytext=(4, -12), textcoords="offset points")
+        shown = ("Dice", vd[best]) if vd[best] is not None else ("score", chosen[best])  # no lesion image validated: no Dice
+        axes[1].annotate(f"kept: epoch {ep[best]}, {shown[0]} {shown[1]:.3f}", (ep[best], shown[1]), fontsize=8, xytext=(4, -12), textcoords="offset points")
     axes[1].set_ylim(-0.02, 1.02)
     axes[1].set_title("validation")
     axes[1].legend(fontsize=8, loc="lower right")

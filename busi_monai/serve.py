@@ -42,16 +42,6 @@ DATASTORE_EXTENSIONS = [
     "*.png", "*.PNG", "*.jpg", "*.JPG", "*.jpeg", "*.JPEG", "*.bmp", "*.tif", "*.tiff",
 ]  # fmt: skip
 
-WARMUP_IMAGE_SIZE = 96
-WARMUP_EPOCHS = 40
-# The first model only has to outline lesions after a CPU minute: the paper's plain BCE learns
-# too slowly for that, Dice+BCE with a higher rate does. On the 22 sample images (6 steps an
-# epoch) the preset's per-epoch decay left every mask empty after 100 epochs; batch 2 with a
-# cosine schedule outlines them (validation Dice ~0.4). The Train button uses the app's preset.
-WARMUP_LOSS = "dice_bce"
-WARMUP_LR = 3e-3
-WARMUP_BATCH_SIZE = 2
-WARMUP_LR_SCHEDULE = "cosine"
 WARMUP_MAX_IMAGES = 200
 
 
@@ -114,13 +104,13 @@ def labelled_items(studies: str | Path) -> list[dict]:
 def warm_up(
     studies: str | Path,
     model_dir: str | Path,
-    preset: str = "fast",
-    image_size: int = WARMUP_IMAGE_SIZE,
-    epochs: int = WARMUP_EPOCHS,
+    preset: str = "warmup",
+    image_size: int | None = None,
+    epochs: int | None = None,
     device: str = "auto",
     max_images: int = WARMUP_MAX_IMAGES,
 ) -> dict:
-    """Train a first small model on the studies' labelled images and publish it."""
+    """Train a first small model (the ``warmup`` recipe) on the studies' labelled images and publish it."""
     import random
 
     from .presets import get_recipe
@@ -131,14 +121,12 @@ def warm_up(
         raise TrainingError(f"{studies}: no labelled images (labels/final) to train a first model on")
     if len(items) > max_images:
         items = random.Random(0).sample(items, max_images)
-    recipe = get_recipe(preset).with_overrides(
-        epochs=epochs, image_size=image_size, loss=WARMUP_LOSS, learning_rate=WARMUP_LR,
-        batch_size=WARMUP_BATCH_SIZE, lr_schedule=WARMUP_LR_SCHEDULE,
-    )  # fmt: skip
-    train_items, val_items = split_validation(items, 0.15, seed=0)
+    recipe = get_recipe(preset).with_overrides(epochs=epochs, image_size=image_size)
+    image_size = recipe.image_size
+    train_items, val_items = split_validation(items, recipe.val_fraction, seed=0)
     run_dir = Path(model_dir) / "runs" / "warmup"
     print(
-        f"busi-monai serve: training a first model ({preset} preset, {image_size}px, {epochs} epochs, {recipe.loss}) on "
+        f"busi-monai serve: training a first model ({preset} preset, {image_size}px, {recipe.epochs} epochs, {recipe.loss}) on "
         f"{len(train_items)} labelled images, validating on {len(val_items)}",
         flush=True,
     )
@@ -163,10 +151,11 @@ def _parse(argv=None):
     p.add_argument("--busi-root", default=str(SAMPLE_DATA), help="BUSI-layout folder to build the studies from (default: sample-data/)")
     p.add_argument("--label-fraction", type=float, default=2 / 3, help="share of the images given final labels when building the studies")
     p.add_argument("--preset", default=None, help="model preset the app trains (default: paper with a GPU, fast without)")
-    p.add_argument("--model-dir", default=None, help="where the app keeps its weights (default: apps/busi/model)")
+    p.add_argument("--app-dir", default=str(APP_DIR), help="the MONAI Label app to serve (default: apps/busi; monailabel writes logs/ and bin/ into it)")
+    p.add_argument("--model-dir", default=None, help="where the app keeps its weights (default: APP_DIR/model)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (for the warm-up and the app)")
-    p.add_argument("--warmup-size", type=int, default=WARMUP_IMAGE_SIZE, help="image size of the first model")
-    p.add_argument("--warmup-epochs", type=int, default=WARMUP_EPOCHS, help="epochs of the first model")
+    p.add_argument("--warmup-size", type=int, default=None, help="image size of the first model (default: the warmup preset's)")
+    p.add_argument("--warmup-epochs", type=int, default=None, help="epochs of the first model (default: the warmup preset's)")
     p.add_argument("--no-warmup", action="store_true", help="do not train a first model when there are no weights")
     p.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="app option, as monailabel's --conf")
     p.add_argument("--dry-run", action="store_true", help="prepare, then print the server command instead of running it")
@@ -186,7 +175,7 @@ def main(argv=None) -> int:
         conf["preset"] = a.preset
     if a.device != "auto":
         conf.setdefault("device", a.device)
-    model_dir = conf.get("model_dir") or a.model_dir or default_model_dir(APP_DIR)
+    model_dir = conf.get("model_dir") or a.model_dir or default_model_dir(a.app_dir)
     conf["model_dir"] = os.path.realpath(model_dir)
     studies = Path(a.studies)
 
@@ -218,7 +207,7 @@ def main(argv=None) -> int:
 
     cmd = [
         sys.executable, "-m", "monailabel.main", "start_server",
-        "--app", str(APP_DIR), "--studies", str(studies.resolve()), "--host", a.host, "--port", str(a.port),
+        "--app", str(a.app_dir), "--studies", str(studies.resolve()), "--host", a.host, "--port", str(a.port),
     ]  # fmt: skip
     for k, v in conf.items():
         cmd += ["--conf", k, str(v)]

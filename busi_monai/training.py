@@ -25,7 +25,7 @@ from monai.losses import DeepSupervisionLoss, DiceCELoss
 from monai.transforms import Compose
 from tqdm.auto import tqdm
 
-from .io import write_json
+from .jsonio import write_json
 from .checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
 from .networks import build_network, network_config
 from .presets import Recipe, get_recipe
@@ -71,29 +71,32 @@ def load_datalist(data_dir: str | Path) -> dict[str, list[dict]]:
 
 
 def split_validation(items: list[dict], fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Hold out ``fraction`` of the items, whole duplicate groups at a time, per class."""
+    """Hold out ``fraction`` of the items for model selection, by
+    :func:`busi_monai.data.grouped_stratified_split` (the splitter of the test split): whole
+    near-duplicate groups (``group``) on one side, stratified by ``class`` with a mixed
+    group's class decided by :func:`busi_monai.data.group_class`. At least one item is held
+    out, and at least one is kept for training."""
+    from .data import grouped_stratified_split
+
     if fraction <= 0 or len(items) < 2:
         return list(items), []
-    rng = random.Random(seed)
-    by_class: dict[str, dict] = {}
+    by_group: dict = {}
     for i, it in enumerate(items):
-        by_class.setdefault(it.get("class", "?"), {}).setdefault(it.get("group", f"i{i}"), []).append(i)
-    val_idx: set[int] = set()
-    for groups in by_class.values():
-        keys = sorted(groups, key=str)
-        rng.shuffle(keys)
-        target = fraction * sum(len(v) for v in groups.values())
-        taken = 0
-        for k in keys:
-            if taken >= target - 0.5:
-                break
-            val_idx.update(groups[k])
-            taken += len(groups[k])
-    if not val_idx:
-        val_idx = {len(items) - 1}
-    if len(val_idx) == len(items):
-        val_idx.discard(0)
-    return [it for i, it in enumerate(items) if i not in val_idx], [it for i, it in enumerate(items) if i in val_idx]
+        by_group.setdefault(it.get("group", f"i{i}"), []).append(i)
+    groups = list(by_group.values())
+    train_idx, val_idx = grouped_stratified_split([it.get("class", "?") for it in items], groups, min(fraction, 0.9), seed)
+    if not val_idx:  # too few items for the fraction: hold out the smallest group
+        val_idx = min(groups, key=len)
+    if len(val_idx) == len(items):  # one group holds everything: no validation is possible
+        return list(items), []
+    held = set(val_idx)
+    return [it for i, it in enumerate(items) if i not in held], [it for i, it in enumerate(items) if i in held]
+
+
+def split_record(train: list[dict], val: list[dict]) -> dict:
+    """What ``RUN/split.json`` holds: the ids and duplicate groups on each side of the split."""
+    side = lambda its: [{"id": it.get("id"), "group": it.get("group"), "class": it.get("class")} for it in its]  # noqa: E731
+    return {"training": side(train), "validation": side(val)}
 
 
 @dataclass
@@ -246,17 +249,15 @@ def selection_scores(s: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def quick_scores(prob: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> dict:
     """Validation numbers at training resolution: mean lesion Dice, normal false positives and
-    the selection score over all images."""
+    the selection score over all images. A figure over an empty set (no lesion image, no
+    normal image, no image) is ``None``, never NaN: it is not defined, and JSON has no NaN."""
     s = image_scores(prob, labels, threshold)
     has = s["lesion"]
     per_image = selection_scores(s)
     dice = per_image[has]
-    normal_fp = s["outlined"][~has]
-    return {
-        "val_dice": float(dice.mean()) if dice.numel() else float("nan"),
-        "val_normal_fp": float(normal_fp.float().mean()) if normal_fp.numel() else float("nan"),
-        "val_score": float(per_image.mean()) if per_image.numel() else float("nan"),
-    }
+    normal_fp = s["outlined"][~has].float()
+    mean = lambda t: float(t.mean()) if t.numel() else None  # noqa: E731
+    return {"val_dice": mean(dice), "val_normal_fp": mean(normal_fp), "val_score": mean(per_image)}
 
 
 def mixed_precision(dev: torch.device) -> bool:
@@ -344,6 +345,7 @@ def fit(
         except RuntimeError:
             log.warning("%s has another architecture; training from scratch", init_checkpoint)
 
+    write_json(split_record(train.items, val.items), out / "split.json")
     train_d, val_d = train.to(dev), val.to(dev)
     # Full batches through the compiled step (CUDA graphs need fixed shapes); the last, smaller
     # one eagerly rather than recording a second graph for it.
@@ -382,8 +384,9 @@ def fit(
         for k, v in rec.items():
             if k != "epoch" and isinstance(v, float) and math.isfinite(v) and writer:
                 writer.add_scalar(k, v, epoch + 1)
-        score = rec.get("val_score", -rec["loss"])
-        score = score if math.isfinite(score) else -rec["loss"]
+        score = rec.get("val_score")
+        if score is None or not math.isfinite(score):  # no validation images, or a diverged loss
+            score = -rec["loss"] if math.isfinite(rec["loss"]) else -math.inf
         meta = {"epoch": epoch, "history": history, "n_train": n, "n_val": len(val_d), "device": str(dev)}
         if score > best:
             best, best_dice = score, rec.get("val_dice")
@@ -404,7 +407,7 @@ def fit(
                     last_path,
                 )
             write_json(history, out / "history.json")
-        bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k in ("loss", "val_dice")})
+        bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k in ("loss", "val_dice") and v is not None})
         if on_epoch:
             on_epoch(rec)
     if writer:

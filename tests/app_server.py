@@ -4,7 +4,8 @@
         client = srv.client()
 
 The app folder is copied to a temporary folder first, because ``monailabel start_server``
-creates ``model/``, ``logs/`` and ``bin/`` inside the app it serves.
+creates ``model/``, ``logs/`` and ``bin/`` inside the app it serves: tests write nothing into
+the repository.
 """
 
 from __future__ import annotations
@@ -31,35 +32,71 @@ def free_port() -> int:
 
 
 class AppServer:
-    def __init__(self, studies, model_dir, conf: dict | None = None, workdir=None, startup_timeout: float = 180):
+    """``serve_args``: start through ``python -m busi_monai.serve`` (what ``make serve`` runs:
+    studies and warm-up model first) with these extra arguments, instead of ``monailabel
+    start_server`` on a copy of the app."""
+
+    def __init__(
+        self, studies, model_dir, conf: dict | None = None, workdir=None, startup_timeout: float = 180,
+        env: dict | None = None, serve_args: list[str] | None = None,
+    ):  # fmt: skip
         self.studies = str(studies)
         self.model_dir = str(model_dir)
         self.conf = dict(conf or {})
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="busi-app-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.startup_timeout = startup_timeout
+        self.env = dict(env or {})
+        self.serve_args = serve_args
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.log_path = self.workdir / "server.log"
 
-    def start(self) -> "AppServer":
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _command(self) -> list[str]:
+        conf = ["--conf", "model_dir", self.model_dir]
+        for k, v in self.conf.items():
+            conf += ["--conf", k, str(v)]
         app = self.workdir / "app"
         if not app.exists():
             shutil.copytree(APP_DIR, app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__", "*.pyc"))
-        cmd = [
+        if self.serve_args is not None:
+            return [
+                sys.executable, "-m", "busi_monai.serve", "--studies", self.studies, "--port", str(self.port),
+                "--app-dir", str(app), *self.serve_args, *conf,
+            ]  # fmt: skip
+        return [
             sys.executable, "-m", "monailabel.main", "start_server",
-            "--app", str(app), "--studies", self.studies, "--host", "127.0.0.1", "--port", str(self.port),
-            "--conf", "model_dir", self.model_dir,
+            "--app", str(app), "--studies", self.studies, "--host", "127.0.0.1", "--port", str(self.port), *conf,
         ]  # fmt: skip
-        for k, v in self.conf.items():
-            cmd += ["--conf", k, str(v)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "MONAI_LABEL_TRACKING_ENABLED": "false"}
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=str(self.workdir))
+
+    def start(self, attempts: int = 3) -> "AppServer":
+        """Start and wait for /info; a port that another process took between :func:`free_port`
+        and the server's bind is retried on a new port."""
+        for attempt in range(attempts):
+            try:
+                return self._start_once()
+            except RuntimeError as e:
+                taken = "address already in use" in str(e).lower() or "error while attempting to bind" in str(e).lower()
+                if not taken or attempt + 1 == attempts:
+                    raise
+                self.port = free_port()
+        raise AssertionError("not reached")
+
+    def _start_once(self) -> "AppServer":
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "MONAI_LABEL_TRACKING_ENABLED": "false", **self.env}
+        self._log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(self._command(), stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=str(self.workdir))
         deadline = time.time() + self.startup_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+                code = self.proc.returncode
+                self.proc = None
+                self._log.close()
+                raise RuntimeError(f"server exited with {code}:\n{self.log_tail()}")
             try:
                 self.get("/info/", timeout=5)
                 return self

@@ -116,3 +116,20 @@ def test_pack_round_trip_is_lossless(prepared_sample, tmp_path):
     assert torch.equal(back.labels, data.labels) and len(back.items) == len(items)
     for (img, mask), (img2, mask2) in zip(originals, load_pack_originals(tmp_path / "p.npz")):
         assert np.array_equal(np.clip(np.round(img), 0, 255), img2) and np.array_equal(mask, mask2)
+
+
+def test_validation_split_keeps_a_mixed_class_duplicate_group_together():
+    """A benign and a malignant copy of one lesion never end up on both sides (the old per-class
+    grouping split such a pair in 38 of 200 seeds); at least one image is held out and one kept."""
+    from busi_monai.training import split_validation
+
+    items = [{"id": f"s{i}", "class": ("benign", "malignant", "normal")[i % 3]} for i in range(40)]
+    items += [{"id": "pair_b", "class": "benign", "group": "g"}, {"id": "pair_m", "class": "malignant", "group": "g"}]
+    for seed in range(200):
+        train, val = split_validation(items, 0.2, seed)
+        assert len(train) + len(val) == len(items) and val and train
+        sides = {it["id"]: side for side, its in (("t", train), ("v", val)) for it in its}
+        assert sides["pair_b"] == sides["pair_m"], seed
+    assert split_validation(items[:2], 0.1, 0)[1], "two images: one is held out even at a small fraction"
+    assert split_validation(items, 0.0, 0) == (items, [])
+    assert split_validation([dict(it, group="all") for it in items[:5]], 0.2, 0) == ([dict(it, group="all") for it in items[:5]], [])

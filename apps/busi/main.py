@@ -30,9 +30,19 @@ from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.tasks.activelearning.random import Random
 
+from busi_monai.jsonio import finite
 from busi_monai.serve import DATASTORE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
+
+
+def _json_safe(obj, what: str):
+    """What the app answers, with NaN/infinity as null: FastAPI refuses to serve them (a 500),
+    and Slicer calls /info to connect, so one bad number would lock the clinician out."""
+    clean, replaced = finite(obj)
+    if replaced:
+        logger.warning("%s: non-finite number(s) answered as null at %s", what, ", ".join(replaced[:10]))
+    return clean
 
 
 class BusiApp(MONAILabelApp):
@@ -99,7 +109,7 @@ class BusiApp(MONAILabelApp):
             "bundle": os.path.basename(self.task.settings.bundle) if self.task.settings.bundle else None,
             "mc_passes": self.task.settings.mc_passes,
         }
-        return meta
+        return _json_safe(meta, "/info")
 
     def infer(self, request, datastore=None):
         # MONAI Label answers an unknown model with a 500; say which models there are, as a 404.
@@ -108,7 +118,16 @@ class BusiApp(MONAILabelApp):
             from fastapi import HTTPException
 
             raise HTTPException(status_code=404, detail=f"no model {model!r}; this server has {', '.join(sorted(self._infers)) or 'none yet'}")
-        return super().infer(request, datastore)
+        result = super().infer(request, datastore)
+        if isinstance(result, dict) and "params" in result:
+            result["params"] = _json_safe(result["params"], f"/infer/{model}")
+        return result
+
+    def next_sample(self, request):
+        return _json_safe(super().next_sample(request), f"/activelearning/{request.get('strategy')}")
+
+    def model_info(self, model):
+        return _json_safe(super().model_info(model), f"/model/{model}")
 
     def on_init_complete(self):
         super().on_init_complete()

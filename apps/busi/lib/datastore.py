@@ -19,7 +19,6 @@ exception would be a bare 500.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -33,6 +32,7 @@ from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastor
 from monailabel.interfaces.exception import ImageNotFoundException
 
 from busi_monai.io import DEFAULT_MAX_PIXELS, BusiInputError, read_image, read_mask
+from busi_monai.jsonio import dumps
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class BusiDatastore(LocalDatastore):
             fd, tmp = tempfile.mkstemp(prefix=".datastore.", suffix=".partial", dir=self._datastore_path)
             try:
                 with os.fdopen(fd, "w") as f:
-                    f.write(json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str))
+                    f.write(dumps(self._datastore.model_dump(exclude={"base_path"}), what="datastore index"))
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, self._datastore_config_path)

@@ -35,6 +35,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from busi_monai.active import bottleneck_features, uncertainty_scores
+from busi_monai.jsonio import finite, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +96,10 @@ def store_image_infos(datastore: Datastore, updates: dict[str, dict]) -> None:
             for image_id, info in updates.items():
                 if image_id in objects:
                     objects[image_id].setdefault("image", {}).setdefault("info", {}).update(info)
-            with open(path, "w") as f:
-                f.write(json.dumps(data, indent=2, default=str))
+            write_json(data, path)  # atomic: the server reloads the index as this process leaves it
         return
     for image_id, info in updates.items():
-        datastore.update_image_info(image_id, info)
+        datastore.update_image_info(image_id, finite(info)[0])
 
 
 def _in_task_subprocess() -> bool:

@@ -25,7 +25,8 @@ from filelock import FileLock, Timeout
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-from busi_monai.io import write_json
+from busi_monai.jsonio import read_json, write_json
+from busi_monai.serve import STATS_FILENAME
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +93,25 @@ class AttentionUNetTrain(TrainTask):
         }
 
     def stats(self):
-        try:
-            with open(self.settings.stats_path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
+        """The last training's statistics, for /info (Slicer shows them, and calls /info to
+        connect). A missing file is no training yet; an unreadable one (truncated, corrupt, NaN
+        from an older version, not an object) is reported in the log and in what is returned,
+        never as an error: the next training replaces it."""
+        path = self.settings.stats_path
+        if not os.path.exists(path):
             return {}
+        try:
+            stats, replaced = read_json(path)
+        except (OSError, ValueError) as e:
+            logger.warning("attention_unet: %s is unreadable (%s); the next training replaces it", path, e)
+            return {"name": "attention_unet", "status": "UNREADABLE", "error": f"{STATS_FILENAME} is unreadable: {type(e).__name__}"}
+        if not isinstance(stats, dict):
+            logger.warning("attention_unet: %s holds a %s, not statistics; the next training replaces it", path, type(stats).__name__)
+            return {"name": "attention_unet", "status": "UNREADABLE", "error": f"{STATS_FILENAME} holds no statistics"}
+        if replaced:
+            logger.warning("attention_unet: %s has non-finite number(s) at %s, shown as null", path, ", ".join(replaced[:10]))
+            stats["warnings"] = [f"non-finite value shown as null: {k}" for k in replaced[:10]]
+        return stats
 
     # ------------------------------------------------------------------------------------
     def _datalist(self, datastore: Datastore) -> tuple[list[dict], list[str]]:
@@ -107,11 +122,13 @@ class AttentionUNetTrain(TrainTask):
         for it in datastore.datalist():
             try:
                 shape = read_image(it["image"]).shape
-                read_mask(it["label"], expected_shape=shape)
+                mask = read_mask(it["label"], expected_shape=shape)
             except BusiInputError as e:
                 problems.append(str(e))
                 continue
-            items.append({"image": it["image"], "label": it["label"], "id": os.path.basename(it["image"]).split(".")[0]})
+            # The class stratifies the validation slice, so that it holds lesion images as well as normal ones.
+            cls = "lesion" if mask.any() else "normal"
+            items.append({"image": it["image"], "label": it["label"], "id": os.path.basename(it["image"]).split(".")[0], "class": cls})
         return items, problems
 
     def __call__(self, request, datastore: Datastore):
@@ -226,7 +243,7 @@ class AttentionUNetTrain(TrainTask):
                 val_dice=rec.get("val_dice"),
                 current_time=str(datetime.timedelta(seconds=int(time.time() - start_ts))),
             )
-            logger.info("attention_unet epoch %d/%d: %s", rec["epoch"], epochs, {k: round(v, 4) for k, v in rec.items() if isinstance(v, float)})
+            logger.info("attention_unet epoch %d/%d: %s", rec["epoch"], epochs, {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items() if k != "epoch"})
             write_json(stats, os.path.join(run_dir, "progress.json"))
 
         train = cache_items(train_items, size, progress=False)
@@ -241,7 +258,7 @@ class AttentionUNetTrain(TrainTask):
         published = publish_model(os.path.join(run_dir, "model.pt"), self.settings.model_dir)
         version = self.served.version()
         total = time.time() - start_ts
-        best = summary.get("best_val_dice")
+        best = summary.get("best_val_dice")  # None when no validation image had a lesion
         stats.update(
             status="DONE",
             total_time=str(datetime.timedelta(seconds=int(total))),
@@ -249,7 +266,8 @@ class AttentionUNetTrain(TrainTask):
             train_time_s=round(float(summary.get("train_time_s", total)), 2),
             epoch=epochs,
             epochs=epochs,
-            best_metric=best,
+            # What chose the weights: lesion Dice, with an empty mask on a normal image counting 1.
+            best_metric=summary.get("best_val_score"),
             best_val_dice=best,
             n_train=summary.get("n_train"),
             n_val=summary.get("n_val"),

@@ -1,0 +1,190 @@
+"""`python -m busi_monai.serve` (what `make serve` runs), and Train on a few labels: the stats it
+leaves must never stop /info from answering, since 3D Slicer calls /info to connect.
+
+The server is started as `make serve` starts it (studies built from a BUSI-layout folder, a
+warm-up model trained and published, then MONAI Label), on 2 lesion and 8 normal synthetic
+images: with so few lesions, a validation slice of normal images only is likely, which is how
+every labelling session starts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from app_server import AppServer  # noqa: E402
+
+pytest.importorskip("monailabel")
+requests = pytest.importorskip("requests")
+
+from busi_monai.checkpoint import load_checkpoint  # noqa: E402
+from busi_monai.jsonio import loads_strict  # noqa: E402
+from busi_monai.serve import MODEL_FILENAME, STATS_FILENAME  # noqa: E402
+
+MODEL = "attention_unet"
+WARMUP = ["--warmup-epochs", "3", "--warmup-size", "32"]
+# What the Train button sends, kept small: the point is the statistics, not the model.
+TRAIN = {"max_epochs": 1, "image_size": 32, "device": "cpu"}
+# A stats file as an older version wrote it after a validation slice without lesions.
+OLD_NAN_STATS = (
+    '{"name": "attention_unet", "status": "DONE", "epoch": 1, "val_dice": NaN, "best_metric": NaN,'
+    ' "best_val_dice": NaN, "loss": Infinity, "n_train": 8, "n_val": 2}'
+)
+
+
+def mini_busi(sample_dir: Path, out: Path, counts: dict[str, int]) -> Path:
+    """A BUSI-layout folder with the first ``counts[cls]`` synthetic images of each class."""
+    for cls, n in counts.items():
+        (out / cls).mkdir(parents=True)
+        images = sorted((sample_dir / cls).glob(f"{cls} (*).png"), key=lambda p: int(p.stem.split("(")[1].split(")")[0]))
+        for img in [p for p in images if "_mask" not in p.name][:n]:
+            for f in (sample_dir / cls).glob(f"{img.stem}*.png"):
+                shutil.copy(f, out / cls / f.name)
+    return out
+
+
+def info(srv) -> dict:
+    """GET /info/, which must answer 200 with strict JSON (no NaN, no infinity)."""
+    r = requests.get(f"{srv.url}/info/", timeout=30)
+    assert r.status_code == 200, (r.status_code, r.text[:300], srv.log_tail(3000))
+    return loads_strict(r.text)
+
+
+def train(srv, params: dict, timeout: float = 300) -> tuple[dict, int]:
+    """Press Train and poll /info (as Slicer's progress display does) until the task ends;
+    returns the task and how many /info calls answered while it ran."""
+    r = requests.post(f"{srv.url}/train/{MODEL}", json=params, timeout=60)
+    assert r.status_code == 200, r.text[:300]
+    polls, deadline = 0, time.time() + timeout
+    while True:
+        info(srv)
+        polls += 1
+        st = requests.get(f"{srv.url}/train/", timeout=30).json()
+        if st.get("status") not in ("SUBMITTED", "RUNNING"):
+            return st, polls
+        assert time.time() < deadline, f"training did not end in {timeout}s\n{srv.log_tail(3000)}"
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def served(sample_dir, tmp_path_factory):
+    """(server, studies, model_dir) started by `python -m busi_monai.serve` on 2 benign + 8 normal images."""
+    root = tmp_path_factory.mktemp("serve")
+    busi = mini_busi(sample_dir, root / "busi", {"benign": 2, "normal": 8})
+    studies, model_dir = root / "studies", root / "model"
+    srv = AppServer(
+        studies, model_dir, conf={"preset": "fast"}, workdir=root / "server", env={"MONAI_LABEL_TASKS_SCORING": "false"},
+        serve_args=["--busi-root", str(busi), "--label-fraction", "1", "--device", "cpu", *WARMUP], startup_timeout=300,
+    )  # fmt: skip
+    srv.start()
+    try:
+        yield srv, studies, model_dir
+    finally:
+        srv.stop()
+
+
+def test_serve_builds_studies_trains_a_warmup_model_and_serves_it(served):
+    srv, studies, model_dir = served
+    images = sorted(p.name for p in studies.glob("*.nii.gz"))
+    labels = sorted(p.name for p in (studies / "labels" / "final").iterdir())
+    assert len(images) == 10 and labels == images
+    warm = load_checkpoint(model_dir / "runs" / "warmup" / "model.pt")
+    assert warm["preset"] == "warmup" and warm["preprocessing"]["image_size"] == 32
+    assert warm["recipe"]["loss"] == "dice_bce" and warm["recipe"]["epochs"] == 3
+    split = json.loads((model_dir / "runs" / "warmup" / "split.json").read_text())
+    held = {it["id"] for it in split["validation"]}
+    assert held and not held & {it["id"] for it in split["training"]}
+    assert len(held) + len(split["training"]) == 10
+    got = info(srv)
+    assert MODEL in got["models"] and got["busi"]["model_version"] and (model_dir / MODEL_FILENAME).is_file()
+    assert "warm-up training took" in srv.log_tail(100000)
+
+
+@pytest.mark.parametrize("val_split", [None, 0.2], ids=["default-val-split", "val-split-0.2"])
+def test_train_on_few_labels_leaves_info_answering_with_finite_figures(served, val_split):
+    """The issue's reproduction: 2 lesion and 8 normal labels, so the validation slice holds
+    normal images only; /info answers during and after the training, with null where a
+    figure is not defined (the lesion Dice of no lesion) and never NaN."""
+    srv, _, model_dir = served
+    params = TRAIN if val_split is None else {**TRAIN, "val_split": val_split}
+    task, polls = train(srv, params)
+    assert task["status"] == "DONE", "\n".join(task.get("details", [])[-20:])
+    assert polls >= 1
+    stats = info(srv)["train_stats"][MODEL]
+    assert stats["status"] == "DONE" and stats["n_train"] + stats["n_val"] == 10 and stats["n_val"] >= 1
+    # Stratified by lesion/normal: 2 lesion images are too few to hold one out at these fractions.
+    assert stats["best_val_dice"] is None
+    assert isinstance(stats["best_metric"], float) and 0 <= stats["best_metric"] <= 1
+    on_disk = loads_strict((model_dir / STATS_FILENAME).read_text())
+    assert on_disk["model_version"] == stats["model_version"]
+    run = model_dir / stats["run_dir"]
+    history = loads_strict((run / "history.json").read_text())
+    assert all(h["val_dice"] is None and 0 <= h["val_score"] <= 1 for h in history)
+    loads_strict((run / "summary.json").read_text())
+    assert requests.get(f"{srv.url}/model/{MODEL}", timeout=30).status_code == 200
+    assert requests.post(f"{srv.url}/activelearning/random", json={}, timeout=30).status_code == 200
+
+
+def test_info_answers_whatever_the_stats_file_holds(sample_dir, trained_model, tmp_path):
+    """At start-up the stats file may be from an older version (NaN), truncated, or not an
+    object: /info still answers 200 and says what is wrong; the next Train replaces the file."""
+    from busi_monai.serve import build_studies, publish_model
+
+    studies, model_dir = tmp_path / "studies", tmp_path / "model"
+    build_studies(mini_busi(sample_dir, tmp_path / "busi", {"benign": 2, "malignant": 2, "normal": 2}), studies, label_fraction=1.0)
+    publish_model(trained_model, model_dir)
+    stats_path = model_dir / STATS_FILENAME
+    stats_path.write_text(OLD_NAN_STATS)
+    srv = AppServer(studies, model_dir, conf={"preset": "fast", "device": "cpu"}, workdir=tmp_path / "server",
+                    env={"MONAI_LABEL_TASKS_SCORING": "false"})  # fmt: skip
+    with srv:
+        stats = info(srv)["train_stats"][MODEL]
+        assert stats["best_metric"] is None and stats["val_dice"] is None and stats["loss"] is None
+        assert stats["n_val"] == 2 and any("best_metric" in w for w in stats["warnings"])
+        assert requests.post(f"{srv.url}/activelearning/random", json={}, timeout=30).status_code == 200
+        assert requests.get(f"{srv.url}/model/{MODEL}", timeout=30).status_code == 200
+        # Changed while the server runs: every kind of damage is reported, never a 500.
+        for damaged in (OLD_NAN_STATS[: len(OLD_NAN_STATS) // 2], "", "[1, 2, 3]", "\x00\xff garbage"):
+            stats_path.write_text(damaged)
+            stats = info(srv)["train_stats"][MODEL]
+            assert stats["status"] == "UNREADABLE" and STATS_FILENAME in stats["error"], (damaged, stats)
+        task, _ = train(srv, TRAIN)
+        assert task["status"] == "DONE", "\n".join(task.get("details", [])[-20:])
+        assert loads_strict(stats_path.read_text())["status"] == "DONE"
+        assert info(srv)["train_stats"][MODEL]["status"] == "DONE"
+    # And a truncated file at start-up.
+    stats_path.write_text('{"name": "attention_unet", "status": "DO')
+    with srv:
+        assert info(srv)["train_stats"][MODEL]["status"] == "UNREADABLE"
+
+
+def test_concurrent_info_while_the_stats_file_is_rewritten(served):
+    """The stats file is replaced atomically: /info never sees half of it."""
+    srv, _, model_dir = served
+    errors, stop = [], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            try:
+                stats = info(srv)["train_stats"][MODEL]
+                if stats and stats.get("status") == "UNREADABLE":
+                    errors.append(stats)
+            except AssertionError as e:
+                errors.append(str(e))
+
+    t = threading.Thread(target=poll)
+    t.start()
+    try:
+        task, _ = train(srv, TRAIN)
+    finally:
+        stop.set()
+        t.join(60)
+    assert task["status"] == "DONE" and not errors, errors[:3]
