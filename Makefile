@@ -1,4 +1,5 @@
-# `make serve` runs the MONAI Label server on the embedded sample data; `make test` runs the tests.
+# `make serve` runs the MONAI Label server on the embedded sample data; `make test` runs the tests
+# that CI runs (all but those marked slow); `make test-all` runs every test.
 # Both set up .venv on first use. On a GPU machine: make install CONSTRAINTS=constraints-gpu.txt
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ WORK ?= work
 STUDIES ?= $(WORK)/studies
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: install serve test sample-data clean
+.PHONY: install serve test test-all sample-data clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +26,9 @@ serve: install
 	$(PY) -m busi_monai.serve --studies $(STUDIES) --host $(HOST) --port $(PORT)
 
 test: install
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: install
 	$(PY) -m pytest -q
 
 sample-data: install

@@ -35,7 +35,7 @@ def _sync(dev):
         torch.cuda.synchronize()
 
 
-def _items_from(data: str | None, limit: int) -> list[dict]:
+def benchmark_items(data: str | None, limit: int) -> list[dict]:
     """Image/label pairs from a prepared dataset, a BUSI-layout folder or sample-data."""
     from .data import scan_busi
     from .training import load_datalist
@@ -46,7 +46,7 @@ def _items_from(data: str | None, limit: int) -> list[dict]:
     else:
         root = Path(data) if data else Path(__file__).resolve().parents[1] / "sample-data"
         cases, _ = scan_busi(root)
-        items = [{"image": str(c.image), "label": [str(m) for m in c.masks][0]} for c in cases if c.masks]
+        items = [{"image": str(c.image), "label": [str(m) for m in c.masks]} for c in cases if c.masks]  # the union of the masks
     if not items:
         raise FileNotFoundError(f"no images found in {data}")
     reps = (limit + len(items) - 1) // len(items)
@@ -142,8 +142,12 @@ def _server_round_trip(model_path: str, image_items: list[dict], reps: int = 5, 
 
     from .io import read_image, write_array
 
-    repo = Path(__file__).resolve().parents[1]
+    from .serve import APP_DIR
+
     work = Path(tempfile.mkdtemp(prefix="busi-bench-"))
+    # A copy of the app: monailabel writes model/, logs/ and bin/ into the app it serves.
+    app = work / "app"
+    shutil.copytree(APP_DIR, app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
     studies = work / "studies"
     studies.mkdir()
     img = read_image(image_items[0]["image"])
@@ -153,7 +157,7 @@ def _server_round_trip(model_path: str, image_items: list[dict], reps: int = 5, 
     shutil.copy(model_path, model_dir / "attention_unet.pt")
     port = _free_port()
     cmd = [
-        sys.executable, "-m", "monailabel.main", "start_server", "--app", str(repo / "apps" / "busi"), "--studies", str(studies),
+        sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
         "--host", "127.0.0.1", "--port", str(port), "--conf", "model_dir", str(model_dir),
     ]
     log = open(work / "server.log", "w")
@@ -161,6 +165,7 @@ def _server_round_trip(model_path: str, image_items: list[dict], reps: int = 5, 
     # (a subprocess of the same network) from running beside the timed calls.
     env = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_TRACKING_ENABLED": "false"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=work, env=env)
+    started = False
     try:
         client = MONAILabelClient(f"http://127.0.0.1:{port}")
         t0 = time.time()
@@ -172,6 +177,7 @@ def _server_round_trip(model_path: str, image_items: list[dict], reps: int = 5, 
                 if proc.poll() is not None or time.time() - t0 > timeout:
                     return {"skipped": f"server did not start (see {work / 'server.log'})"}
                 time.sleep(1)
+        started = True
         times, server = [], []
         for _ in range(reps + 1):
             t = time.perf_counter()
@@ -196,6 +202,8 @@ def _server_round_trip(model_path: str, image_items: list[dict], reps: int = 5, 
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+        if started:  # a failed start keeps its folder: the message points to its log
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _end_to_end(preset: str, data: CachedData, size: int, device: str, compile_model: bool) -> dict:
@@ -249,9 +257,9 @@ def run_benchmark(
         full = load_pack(pack)
         cached = CachedData(full.images[:n_images], full.labels[:n_images], full.items[:n_images])
         # The plain per-image pipeline needs image files: --data beside --pack gives them.
-        items = _items_from(data, n_images) if data else None
+        items = benchmark_items(data, n_images) if data else None
     else:
-        items = _items_from(data, n_images)
+        items = benchmark_items(data, n_images)
         full = cached = cache_items(items, max(get_recipe(p).image_size for p in presets) if image_size is None else image_size, progress=False)
     result: dict = {
         "command": "busi-monai benchmark " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else "run_benchmark()",
@@ -313,9 +321,10 @@ def run_benchmark(
 
         from .checkpoint import atomic_torch_save, make_checkpoint
 
-        ck = Path(tempfile.mkdtemp()) / "paper.pt"
-        atomic_torch_save(make_checkpoint(build_network("paper"), get_recipe("paper"), "paper"), ck)
-        result["server_infer_round_trip_paper"] = _server_round_trip(str(ck), items, reps=3 if quick else 10)
+        with tempfile.TemporaryDirectory() as d:
+            ck = Path(d) / "paper.pt"
+            atomic_torch_save(make_checkpoint(build_network("paper"), get_recipe("paper"), "paper"), ck)
+            result["server_infer_round_trip_paper"] = _server_round_trip(str(ck), items, reps=3 if quick else 10)
     result["peak_host_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if gpu:
         result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20

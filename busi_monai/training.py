@@ -297,6 +297,7 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
     compile_model: bool = False,
     checkpoint_overhead: float = CHECKPOINT_OVERHEAD,
+    amp: bool | None = None,
 ) -> dict:
     """Train and write ``out/model.pt`` (best validation score), ``out/last.pt``, ``out/history.json``.
 
@@ -304,7 +305,8 @@ def fit(
     ``resume`` continues ``out/last.pt`` where it stopped. Checkpoints are written after the
     first epoch, then whenever writing them costs at most ``checkpoint_overhead`` of the time
     since the last write (each of the CPU's 15-s epochs; every few of a GPU's ~1-s ones, where
-    writing ~230 MB each epoch would double the run), and always at the end. Returns the summary.
+    writing ~230 MB each epoch would double the run), and always at the end. ``amp``: bf16
+    autocast on or off; None decides by the hardware (:func:`mixed_precision`). Returns the summary.
     """
     recipe = recipe or get_recipe(preset)
     out = Path(out)
@@ -314,7 +316,7 @@ def fit(
     dev = resolve_device(device)
     _seed_everything(seed)
     model = build_network(replace(network_config(recipe.network), confidence_gate=recipe.confidence_gate)).to(dev)
-    amp = mixed_precision(dev)
+    amp = mixed_precision(dev) if amp is None else amp
     channels_last = dev.type == "cuda" or amp
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -416,6 +418,7 @@ def fit(
         "preset": preset,
         "recipe": recipe.to_dict(),
         "device": str(dev),
+        "amp_bf16": amp,
         "epochs": recipe.epochs,
         "n_train": n,
         "n_val": len(val_d),
@@ -485,9 +488,8 @@ def train_dataset(
 
     ``overrides`` sets any other recipe field (e.g. ``{"augment": "none"}`` for an ablation).
     """
-    recipe = get_recipe(preset).with_overrides(
-        epochs=epochs, batch_size=batch_size, image_size=image_size, learning_rate=learning_rate, **(overrides or {})
-    )
+    named = {"epochs": epochs, "batch_size": batch_size, "image_size": image_size, "learning_rate": learning_rate}
+    recipe = get_recipe(preset).with_overrides(**{**(overrides or {}), **{k: v for k, v in named.items() if v is not None}})
     data = Path(data)
     if data.suffix == ".npz":
         pack = load_pack(data)

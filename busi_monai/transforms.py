@@ -33,7 +33,8 @@ LABEL_RESIZE_MODE = "nearest"
 class LoadBusiImaged(MapTransform):
     """Load an image (and its label) with :func:`busi_monai.io.read_image` as (1, H, W).
 
-    Handles BUSI's mixed PNG modes and single-slice NIfTI/NRRD the same way everywhere.
+    Handles BUSI's mixed PNG modes and single-slice NIfTI/NRRD the same way everywhere. A
+    label given as a list of files (BUSI's ``_mask``, ``_mask_1``, ...) is their union.
     """
 
     def __init__(self, keys: KeysCollection = ("image", "label"), allow_missing_keys: bool = True):
@@ -44,7 +45,8 @@ class LoadBusiImaged(MapTransform):
         shape = None
         for key in self.key_iterator(d):
             if key == "label":
-                arr = read_mask(d[key], expected_shape=shape).astype(np.float32)
+                paths = d[key] if isinstance(d[key], (list, tuple)) else [d[key]]
+                arr = np.maximum.reduce([read_mask(p, expected_shape=shape) for p in paths]).astype(np.float32)
             else:
                 arr = read_image(d[key]).array
                 shape = arr.shape

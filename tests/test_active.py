@@ -334,3 +334,46 @@ def test_al_merge_combines_parts_run_in_separate_processes(tmp_path):
         data["config"].update(image_size=32, round_learning_rate=1e-4)  # part0 retrained at its recipe's rate
         other.write_text(json.dumps(data))
         merge_results([tmp_path / "part0.json", other], tmp_path / "bad")
+
+
+def test_app_scoring_of_a_diverged_model_stores_no_nan_and_next_sample_still_answers(monkeypatch, tmp_path):
+    """Weights that diverged to NaN give NaN uncertainties: they are stored as null (the
+    datastore index is served as JSON), and every strategy falls back to a random pick."""
+    _import_app_lib(monkeypatch)
+    from busi_monai.checkpoint import make_checkpoint
+    from busi_monai.inference import Predictor
+    from busi_monai.io import Image2D, write_array
+    from busi_monai.jsonio import dumps, loads_strict
+    from busi_monai.networks import build_network
+    from busi_monai.presets import get_recipe
+    from lib.activelearning.mc_dropout import MCDropoutDiverseStrategy, MCDropoutStrategy, TypiClustStrategy
+    from lib.scoring.mc_dropout import MCDropoutScoring
+
+    net = build_network("fast")
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(float("nan"))
+    predictor = Predictor(make_checkpoint(net, get_recipe("fast").with_overrides(image_size=32), "fast"), device="cpu", tta=False)
+    paths = {n: write_array(np.full((40, 48), i, np.float32), tmp_path / f"{n}.nii.gz", like=Image2D(np.zeros((40, 48), np.float32))) for i, n in enumerate(("u1", "u2"))}
+
+    class Datastore(_FakeDatastore):
+        def get_labeled_images(self, label_tag=None, labels=None):
+            return []
+
+        def get_image_uri(self, image_id):
+            return str(paths[image_id])
+
+        def update_image_info(self, image_id, info):
+            self.infos[image_id].update(info)
+
+    class Served:
+        def get(self):
+            return predictor, types.SimpleNamespace(version="nan")
+
+    ds = Datastore({k: {} for k in paths}, labelled=set())
+    MCDropoutScoring(Served(), types.SimpleNamespace(mc_passes=2, score_labeled=False))({}, ds)
+    assert all(ds.infos[k]["mc_dropout_score"] is None for k in paths)
+    loads_strict(dumps(ds.infos))
+    for strategy in (MCDropoutStrategy(), MCDropoutDiverseStrategy(), TypiClustStrategy()):
+        pick = strategy({"strategy": strategy.name}, ds)
+        assert pick["id"] in paths and pick["mc_dropout_score"] is None, strategy.name

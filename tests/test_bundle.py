@@ -275,17 +275,41 @@ def _datalist_dir(sample_dir: Path, tmp_path: Path) -> Path:
     return data
 
 
-def test_train_and_evaluate_configs_run(bundle, sample_dir, tmp_path):
-    """One epoch of the bundle's own trainer on 4 images, then its evaluator on 2 (self-contained)."""
+def _raw_dice(csv: Path) -> dict[str, float]:
+    """Per-image Dice from MONAI's MetricsSaver ``*_raw.csv`` (``filename,class0,mean`` per row)."""
+    rows = [line.replace("\t", ",").rsplit(",", 2) for line in csv.read_text().splitlines() if line.strip()]
+    return {Path(r[0]).name: float(r[-1]) for r in rows if r[-1] != "mean"}
+
+
+def test_train_and_evaluate_configs_run(bundle, trained_model, sample_dir, tmp_path):
+    """The bundle's own trainer changes the weights it starts from, and its evaluator computes the
+    Dice that busi-monai computes for the shipped model on the same image (self-contained)."""
+    from busi_monai.inference import Predictor
+    from busi_monai.io import read_mask
+    from busi_monai.metrics import image_metrics
+
     data = _datalist_dir(sample_dir, tmp_path)
     ckpt_dir, eval_dir = tmp_path / "ckpt", tmp_path / "eval"
     common = ["--bundle_root", str(bundle), "--dataset_dir", str(data), "--ckpt_dir", str(ckpt_dir), "--image_size", "32"]
-    monai_bundle("run", "--config_file", str(bundle / "configs" / "train.json"), *common, "--epochs", "1", "--output_dir", str(eval_dir), cwd=tmp_path)
+    monai_bundle("run", "--config_file", str(bundle / "configs" / "train.json"), *common, "--epochs", "2", "--output_dir", str(eval_dir), cwd=tmp_path)
     saved = torch.load(ckpt_dir / "model.pt", weights_only=True)
-    assert any(k.startswith("encoders.0") for k in saved)
+    shipped = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert set(saved) >= {k for k in shipped if not k.endswith("num_batches_tracked")}
+    changed = [k for k, v in shipped.items() if v.is_floating_point() and not torch.equal(v, saved[k])]
+    assert len(changed) > len(shipped) // 2, "training left the weights as they were"
+    assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
+
+    # The evaluator on the shipped weights, at their own size, against busi-monai's Dice.
     files = f"['{bundle / 'configs' / 'train.json'}','{bundle / 'configs' / 'evaluate.json'}']"
-    monai_bundle("run", "--config_file", files, *common, "--output_dir", str(eval_dir), cwd=tmp_path)
-    assert (eval_dir / "val_mean_dice_raw.csv").is_file()
+    args = ["--bundle_root", str(bundle), "--dataset_dir", str(data), "--ckpt_dir", str(bundle / "models"), "--output_dir", str(eval_dir)]
+    monai_bundle("run", "--config_file", files, *args, cwd=tmp_path)
+    dice = _raw_dice(eval_dir / "val_mean_dice_raw.csv")
+    held_out = json.loads((data / "datalist.json").read_text())["test"]
+    lesion = next(it for it in held_out if read_mask(data / it["label"]).any())
+    pred = Predictor(trained_model, device="cpu").predict([data / lesion["image"]])[0].mask
+    ours = image_metrics(pred, read_mask(data / lesion["label"]))["dice"]
+    assert pred.any() and ours > 0, "no lesion found: the comparison would be vacuous"
+    assert dice[lesion["image"]] == pytest.approx(ours, abs=1e-4), (dice, ours)
 
 
 def test_app_serves_the_bundle(bundle, trained_model, sample_dir, tmp_path):
@@ -319,39 +343,55 @@ def test_app_serves_the_bundle(bundle, trained_model, sample_dir, tmp_path):
     assert not (model_dir / MODEL_FILENAME).exists()
 
 
-CV_GATE = 0.9
+def _gate_between(tops: list[float]) -> float:
+    """A gate in the widest gap between the middle half of the images' top probabilities:
+    some images pass it and some do not, and float noise cannot move one across it."""
+    t = sorted(tops)
+    lo, hi = max(1, len(t) // 4), min(len(t) - 1, len(t) - len(t) // 4)
+    k = max(range(lo, hi + 1), key=lambda i: t[i] - t[i - 1])
+    return (t[k - 1] + t[k]) / 2
 
 
 @pytest.fixture(scope="module")
-def cv_dir(trained_model, tmp_path_factory) -> Path:
-    """Two "folds" (the trained model and a perturbed copy) whose recipe asks for flip TTA, with
-    a confidence gate that the ensemble's mean must pass."""
+def cv_dir(trained_model, image_dir, tmp_path_factory) -> tuple[Path, float]:
+    """Two "folds" (the trained model and a perturbed copy) whose recipe asks for flip TTA, and
+    the confidence gate they carry: derived from the ensemble's own probabilities on the test
+    images, so that it empties some of their masks and not others, whatever the model learnt."""
     from busi_monai.checkpoint import atomic_torch_save, load_checkpoint
+    from busi_monai.inference import Predictor
 
     d = tmp_path_factory.mktemp("cv")
     base = load_checkpoint(trained_model)
     g = torch.Generator().manual_seed(0)
+    folds = []
     for i in range(2):
-        state = {k: (v + 0.05 * v.std() * torch.randn(v.shape, generator=g) if i and v.is_floating_point() and v.numel() > 1 else v) for k, v in base["state_dict"].items()}
+        state = {k: (v + 0.1 * v.std() * torch.randn(v.shape, generator=g) if i and v.is_floating_point() and v.numel() > 1 else v) for k, v in base["state_dict"].items()}
+        folds.append({**base, "state_dict": state, "recipe": {**base["recipe"], "tta": True}})
+    from busi_monai.io import read_image
+
+    images = [read_image(p) for p in sorted(image_dir.glob("*.png"))]
+    tops = Predictor(folds, device="cpu", confidence_gate=0).predict_small(images).flatten(1).amax(1).tolist()
+    gate = _gate_between(tops)
+    for i, ck in enumerate(folds):
         (d / f"fold{i}").mkdir()
-        ck = {**base, "network": {**base["network"], "confidence_gate": CV_GATE}, "state_dict": state, "recipe": {**base["recipe"], "tta": True}}
-        atomic_torch_save(ck, d / f"fold{i}" / "model.pt")
-    return d
+        atomic_torch_save({**ck, "network": {**ck["network"], "confidence_gate": gate}}, d / f"fold{i}" / "model.pt")
+    return d, gate
 
 
 def test_ensemble_bundle_equals_busi_monai_infer(cv_dir, image_dir, sample_dir, tmp_path):
     """A cross-validation dir exports as one averaged network (folds x flips) whose bundle masks,
     TorchScript and read-back Predictor all equal `busi-monai infer --model CV_DIR`."""
+    cv_dir, gate = cv_dir
     from busi_monai.bundle import checkpoint_from_bundle
     from busi_monai.cli import main
     from busi_monai.inference import Predictor
-    from busi_monai.io import read_mask
+    from busi_monai.io import read_image, read_mask
 
     bundle = tmp_path / "busi_ensemble"
     assert main(["export-bundle", "--model", str(cv_dir), "--out", str(bundle)]) == 0
     infer_cfg = json.loads((bundle / "configs" / "inference.json").read_text())
     assert infer_cfg["network_def"] == {"_target_": "scripts.networks.build_averaged", "preset": "@network_config", "members": 2, "flips": True}
-    assert infer_cfg["network_config"]["confidence_gate"] == CV_GATE
+    assert infer_cfg["network_config"]["confidence_gate"] == pytest.approx(gate)
     assert "flipped" in (bundle / "docs" / "README.md").read_text()
 
     out = tmp_path / "bundle_out"
@@ -362,16 +402,22 @@ def test_ensemble_bundle_equals_busi_monai_infer(cv_dir, image_dir, sample_dir, 
     images = sorted(image_dir.glob("*.png"))
     ref = tmp_path / "infer_out"
     assert main(["infer", "--model", str(cv_dir), "--out", str(ref), "--device", "cpu", "--format", ".png", *map(str, images)]) == 0
-    single = Predictor(cv_dir / "fold0" / "model.pt", device="cpu", tta=False).predict(images)
-    differs_from_single = 0
-    for p, one in zip(images, single):
+    outlined = 0
+    for p in images:
         ours, theirs = read_mask(out / f"{p.stem}_mask.png"), read_mask(ref / f"{p.stem}_mask.png")
         assert np.array_equal(ours, theirs), f"{p.name}: {(ours != theirs).sum()} pixels differ"
-        differs_from_single += int((theirs != one.mask).sum())
-    assert differs_from_single > 0, "the ensemble gave one fold's masks: the averaging would be untested"
-    # The gate judged the ensemble: some images that have an outline without it have none with it.
-    ungated = Predictor(cv_dir, device="cpu", confidence_gate=0).predict(images)
-    emptied = [p.name for p, u in zip(images, ungated) if u.mask.any() and not read_mask(ref / f"{p.stem}_mask.png").any()]
+        outlined += int(theirs.any())
+    assert outlined > 0, "every mask is empty: the comparison would be vacuous"
+    # The averaging is in use: the ensemble's probabilities are not one fold's.
+    arrays = [read_image(p) for p in images]
+    single = Predictor(cv_dir / "fold0" / "model.pt", device="cpu", tta=False, confidence_gate=0).predict_small(arrays)
+    ensemble = Predictor(cv_dir, device="cpu", confidence_gate=0).predict_small(arrays)
+    assert (single - ensemble).abs().max() > 1e-3, "the ensemble gave one fold's probabilities"
+    # The gate judged the ensemble's mean: the images whose top mean probability is below it, and
+    # only those, have no outline.
+    tops = ensemble.flatten(1).amax(1)
+    emptied = {p.name for p in images if not read_mask(ref / f"{p.stem}_mask.png").any()}
+    assert {p.name for p, t in zip(images, tops) if t < gate} <= emptied
     assert 0 < len(emptied) < len(images), emptied
 
     served = Predictor(checkpoint_from_bundle(bundle), device="cpu")

@@ -5,6 +5,8 @@ import json
 import os
 from collections import Counter
 
+import pytest
+
 from busi_monai.checkpoint import load_checkpoint
 from busi_monai.crossval import GATES, grouped_stratified_folds
 from busi_monai.training import load_datalist
@@ -25,6 +27,7 @@ def test_folds_keep_groups_whole_and_spread_classes(prepared_sample):
         assert max(counts) - min(counts) <= 2, (cls, counts)
 
 
+@pytest.mark.slow  # four interpreters that each import torch and MONAI
 def test_folds_are_the_same_in_every_process(prepared_sample):
     """Fold processes and a later --skip-training recompute the folds: they must agree, whatever
     Python's string hashing (a set's order once decided the class of a mixed-class group)."""

@@ -22,10 +22,9 @@ from busi_monai.data import (
 )
 from busi_monai.io import read_image, read_mask
 
-BUSI = Path(__file__).resolve().parents[1].parent / "shared" / "busi" / "Dataset_BUSI_with_GT"
-needs_busi = pytest.mark.skipif(
-    not (BUSI / "benign").is_dir(), reason=f"real BUSI copy not found at {BUSI} (expected beside the repository in shared/busi)"
-)
+from conftest import BUSI_ROOT as BUSI  # noqa: E402  (BUSI_ROOT, or ../shared/busi beside the repository)
+
+needs_busi = pytest.mark.skipif(not (BUSI / "benign").is_dir(), reason=f"real BUSI copy not found at {BUSI} (set BUSI_ROOT)")
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +48,7 @@ def test_scan_real_busi():
 
 
 @needs_busi
+@pytest.mark.slow  # prepares all 624 images (duplicate search included)
 def test_prepare_dataset_json_schema(prepared):
     out, summary = prepared
     dl = json.loads((out / "dataset.json").read_text())
@@ -75,6 +75,7 @@ def test_prepare_dataset_json_schema(prepared):
 
 
 @needs_busi
+@pytest.mark.slow  # prepares all 624 images (duplicate search included)
 def test_split_keeps_groups_together_and_is_stratified(prepared):
     out, summary = prepared
     dl = json.loads((out / "dataset.json").read_text())
@@ -91,6 +92,7 @@ def test_split_keeps_groups_together_and_is_stratified(prepared):
 
 
 @needs_busi
+@pytest.mark.slow  # prepares all 624 images (duplicate search included)
 def test_multi_mask_is_union_and_geometry_matches(prepared):
     out, _ = prepared
     label = nib.load(out / "labels" / "benign_0195.nii.gz")
@@ -110,6 +112,7 @@ def test_multi_mask_is_union_and_geometry_matches(prepared):
 
 
 @needs_busi
+@pytest.mark.slow  # prepares all 624 images (duplicate search included)
 def test_make_studies_from_prepared(prepared, tmp_path):
     out, _ = prepared
     small = tmp_path / "small"

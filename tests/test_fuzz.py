@@ -136,7 +136,7 @@ def test_nifti_headers_declaring_any_size(dims, datatype, payload):
 int_or_float = st.sampled_from([np.uint8, np.uint16, np.int16, np.int32, np.float32, np.float64, np.bool_])
 
 
-@FUZZ
+@settings(FUZZ, max_examples=50)  # each example writes and reads a volume through ITK
 @given(
     arr=hnp.arrays(int_or_float, hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=40)),
     ext=st.sampled_from([".nii.gz", ".nrrd", ".mha"]),

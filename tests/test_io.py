@@ -92,3 +92,19 @@ def test_bad_inputs_name_the_file_and_problem(tmp_path):
         read_mask(tmp_path / "sevens.png", strict_binary=True)
     with pytest.raises(BusiInputError, match="above the limit"):
         read_image(good, max_pixels=100)
+
+
+def test_a_label_of_several_mask_files_is_their_union(sample_dir):
+    """BUSI gives some images several masks (``_mask``, ``_mask_1``): every reader takes their
+    union, the benchmark's items included (it once kept the first mask only)."""
+    from busi_monai.benchmark import benchmark_items
+    from busi_monai.transforms import LoadBusiImaged
+
+    image = sample_dir / "benign" / "benign (1).png"
+    masks = [sample_dir / "benign" / "benign (1)_mask.png", sample_dir / "benign" / "benign (1)_mask_1.png"]
+    parts = [read_mask(m) for m in masks]
+    assert all(p.any() for p in parts) and not np.array_equal(parts[0], parts[1])
+    loaded = LoadBusiImaged()({"image": str(image), "label": [str(m) for m in masks]})["label"][0]
+    np.testing.assert_array_equal(loaded, np.maximum(parts[0], parts[1]))
+    item = next(it for it in benchmark_items(str(sample_dir), 40) if it["image"] == str(image))
+    assert sorted(item["label"]) == sorted(map(str, masks))

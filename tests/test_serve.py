@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -164,27 +163,3 @@ def test_info_answers_whatever_the_stats_file_holds(sample_dir, trained_model, t
     stats_path.write_text('{"name": "attention_unet", "status": "DO')
     with srv:
         assert info(srv)["train_stats"][MODEL]["status"] == "UNREADABLE"
-
-
-def test_concurrent_info_while_the_stats_file_is_rewritten(served):
-    """The stats file is replaced atomically: /info never sees half of it."""
-    srv, _, model_dir = served
-    errors, stop = [], threading.Event()
-
-    def poll():
-        while not stop.is_set():
-            try:
-                stats = info(srv)["train_stats"][MODEL]
-                if stats and stats.get("status") == "UNREADABLE":
-                    errors.append(stats)
-            except AssertionError as e:
-                errors.append(str(e))
-
-    t = threading.Thread(target=poll)
-    t.start()
-    try:
-        task, _ = train(srv, TRAIN)
-    finally:
-        stop.set()
-        t.join(60)
-    assert task["status"] == "DONE" and not errors, errors[:3]

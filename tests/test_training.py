@@ -13,7 +13,7 @@ from busi_monai.io import read_image, read_mask
 from busi_monai.metrics import image_metrics, summarize
 from busi_monai.training import load_datalist, train_dataset
 
-from conftest import TEST_EPOCHS, TEST_IMAGE_SIZE
+from conftest import TEST_OVERRIDES, TEST_PRESET
 
 
 def _baseline_dice(items, predict):
@@ -25,12 +25,14 @@ def _baseline_dice(items, predict):
     return summarize(records)["lesion"]["dice"]
 
 
-def test_short_training_beats_what_no_learning_reaches(trained_run, prepared_sample):
+def test_short_training_beats_what_no_learning_reaches(trained_run, prepared_sample, tmp_path):
+    """The session's model, scored on sample-data's test split (images it never saw), beats an
+    outline of everything, a dark-pixel threshold and an untrained network by a wide margin."""
     history = json.loads((trained_run / "history.json").read_text())
-    assert len(history) == TEST_EPOCHS
+    assert len(history) == TEST_OVERRIDES["epochs"]
     assert min(h["loss"] for h in history[-5:]) < 0.7 * history[0]["loss"]
     ck = load_checkpoint(trained_run / "model.pt")
-    assert ck["preset"] == "fast" and ck["preprocessing"]["image_size"] == TEST_IMAGE_SIZE
+    assert ck["preset"] == TEST_PRESET and ck["preprocessing"]["image_size"] == TEST_OVERRIDES["image_size"]
 
     result = evaluate(trained_run / "model.pt", prepared_sample, progress=False, device="cpu")
     learned = result["lesion"]["dice"]
@@ -39,9 +41,9 @@ def test_short_training_beats_what_no_learning_reaches(trained_run, prepared_sam
     dark = _baseline_dice(test_items, lambda a: (a < threshold_otsu(a)).astype(np.uint8))
 
     torch.manual_seed(0)
-    untrained_dir = trained_run.parent / "untrained"
-    train_dataset(prepared_sample, untrained_dir, preset="fast", epochs=1, image_size=TEST_IMAGE_SIZE, learning_rate=1e-9, device="cpu", progress=False)
-    untrained = evaluate(untrained_dir / "model.pt", prepared_sample, progress=False, device="cpu")["lesion"]["dice"]
+    size = TEST_OVERRIDES["image_size"]
+    train_dataset(prepared_sample, tmp_path / "untrained", preset="fast", epochs=1, image_size=size, learning_rate=1e-9, device="cpu", progress=False)
+    untrained = evaluate(tmp_path / "untrained" / "model.pt", prepared_sample, progress=False, device="cpu")["lesion"]["dice"]
 
     assert learned > 0.4, result["lesion"]
     assert learned > max(everything, dark, untrained) + 0.2, (learned, everything, dark, untrained)
@@ -133,3 +135,22 @@ def test_validation_split_keeps_a_mixed_class_duplicate_group_together():
     assert split_validation(items[:2], 0.1, 0)[1], "two images: one is held out even at a small fraction"
     assert split_validation(items, 0.0, 0) == (items, [])
     assert split_validation([dict(it, group="all") for it in items[:5]], 0.2, 0) == ([dict(it, group="all") for it in items[:5]], [])
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_both_numeric_paths_train_on_any_cpu(prepared_sample, tmp_path, amp):
+    """fp32 and bf16 autocast both run here, whichever the CPU does natively (bf16 is emulated
+    where it is not): a change that breaks one path fails on every machine, not only on the
+    machines that take it."""
+    from busi_monai.presets import get_recipe
+    from busi_monai.training import fit
+
+    train, val = _sample_data(prepared_sample)
+    recipe = get_recipe("fast").with_overrides(epochs=4, image_size=32, loss="dice_bce", learning_rate=3e-3)
+    summary = fit(train, val, tmp_path, "fast", recipe, "cpu", progress=False, amp=amp)
+    assert summary["amp_bf16"] is amp
+    losses = [h["loss"] for h in json.loads((tmp_path / "history.json").read_text())]
+    assert all(np.isfinite(losses)) and min(losses[1:]) < losses[0], losses
+    ck = load_checkpoint(tmp_path / "model.pt")
+    assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
+    assert all(v.dtype != torch.bfloat16 for v in ck["state_dict"].values()), "weights are kept in fp32"
