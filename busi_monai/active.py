@@ -114,7 +114,7 @@ def mc_dropout_probabilities(predictor, images: torch.Tensor, passes: int) -> to
     """
     dev = predictor.device
     return torch.stack(
-        [torch.cat([predictor._forward(b.to(dev), mc_dropout=True).cpu() for b in _batches(images, predictor.batch_size)]) for _ in range(passes)]
+        [torch.cat([predictor.forward_probability(b.to(dev), mc_dropout=True).cpu() for b in _batches(images, predictor.batch_size)]) for _ in range(passes)]
     )
 
 
@@ -138,7 +138,7 @@ def tta_probabilities(predictor, images: torch.Tensor) -> torch.Tensor:
     dev = predictor.device
     out = []
     for forward, inverse in TTA_VIEWS:
-        out.append(torch.cat([inverse(predictor._forward(forward(b.to(dev)))).cpu() for b in _batches(images, predictor.batch_size)]))
+        out.append(torch.cat([inverse(predictor.forward_probability(forward(b.to(dev)))).cpu() for b in _batches(images, predictor.batch_size)]))
     return torch.stack(out)
 
 
@@ -272,7 +272,7 @@ def typical_clusters(pool_features: torch.Tensor, labelled_features: torch.Tenso
 @torch.no_grad()
 def probabilities(predictor, images: torch.Tensor) -> torch.Tensor:
     """Deterministic ``(N, 1, S, S)`` lesion probabilities of preprocessed images, in batches."""
-    return torch.cat([predictor._forward(b.to(predictor.device)).cpu() for b in _batches(images, predictor.batch_size)])
+    return torch.cat([predictor.forward_probability(b.to(predictor.device)).cpu() for b in _batches(images, predictor.batch_size)])
 
 
 def true_scores(predictor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -215,9 +215,9 @@ def _members(model) -> list[dict]:
     """The checkpoint(s) to export: one file, a run dir, a cross-validation dir (``fold*/model.pt``)
     or a list of those; all of one network and image size."""
     from .checkpoint import load_checkpoint
-    from .inference import _expand_ensemble
+    from .inference import expand_ensemble
 
-    members = [m if isinstance(m, dict) else load_checkpoint(m) for m in _expand_ensemble(model if isinstance(model, list) else [model])]
+    members = [m if isinstance(m, dict) else load_checkpoint(m) for m in expand_ensemble(model if isinstance(model, list) else [model])]
     first = members[0]
     for m in members[1:]:
         if m["network"] != first["network"] or m["preprocessing"] != first["preprocessing"]:

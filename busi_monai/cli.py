@@ -176,7 +176,7 @@ def _register_optional(sub) -> None:
     """Subcommands that live in their own modules (explain, report, bundle, benchmark, cv, ...)."""
     import importlib
 
-    for mod in ("explain", "bundle", "benchmark", "crossval", "active"):
+    for mod in ("explain", "report", "bundle", "benchmark", "crossval", "active"):
         try:
             m = importlib.import_module(f"busi_monai.{mod}")
         except ModuleNotFoundError as e:

@@ -33,7 +33,8 @@ def evaluation_items(data: str | Path, split: str = "test") -> list[dict]:
     return items
 
 
-def _truth(item: dict, shape) -> "object":
+def truth_mask(item: dict, shape) -> "object":
+    """The lesion mask of an evaluation item: the union of its mask files."""
     import numpy as np
 
     labels = item["label"] if isinstance(item["label"], list) else [item["label"]]
@@ -56,7 +57,7 @@ def evaluate(model, data: str | Path, out: str | Path | None = None, split: str 
     else:
         items = evaluation_items(data, split)
         load = lambda it: read_image(it["image"])  # noqa: E731
-        truth_of = _truth
+        truth_of = truth_mask
     records, raw_records = [], []
     bs = predictor.batch_size
     bar = tqdm(total=len(items), desc="evaluate", unit="img", disable=not progress)

@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 from monai.visualize import GradCAM
 
+from .figures import PRED_COLOUR, TRUTH_COLOUR, display_image, heat_overlay, mask_overlay, pyplot
 from .io import BusiInputError, Image2D, read_image, read_mask, suffix_of, write_array
 from .jsonio import dumps
 from .networks import attention_gate_modules
@@ -264,50 +265,6 @@ def _stem(path: str | Path) -> str:
     return name[: -len(ext)] if ext and name.lower().endswith(ext) else name
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _display(image: np.ndarray) -> np.ndarray:
-    """Image intensities to [0, 1] for display (1st-99.5th percentile window)."""
-    a = np.asarray(image, dtype=np.float32)
-    lo, hi = np.percentile(a, (0.5, 99.5))
-    if hi <= lo:
-        hi = lo + 1
-    return np.clip((a - lo) / (hi - lo), 0, 1)
-
-
-TRUTH_COLOUR = "#00e000"
-PRED_COLOUR = "#ff3030"
-
-
-def _mask_overlay(ax, img, mask, colour, truth=None):
-    import matplotlib.colors as mcolors
-
-    ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="bilinear")
-    m = np.asarray(mask) > 0
-    if m.any():
-        rgba = np.zeros((*m.shape, 4), dtype=np.float32)
-        rgba[m] = (*mcolors.to_rgb(colour), 0.45)
-        ax.imshow(rgba, interpolation="nearest")
-        ax.contour(m.astype(float), levels=[0.5], colors=[colour], linewidths=1.0)
-    if truth is not None and np.any(truth):
-        ax.contour((np.asarray(truth) > 0).astype(float), levels=[0.5], colors=[TRUTH_COLOUR], linewidths=1.2, linestyles="--")
-
-
-def _heat_overlay(ax, img, heat, mask=None, cmap="jet", alpha=0.45, vmax=1.0):
-    ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="bilinear")
-    h = ax.imshow(heat, cmap=cmap, vmin=0, vmax=vmax, alpha=alpha, interpolation="bilinear")
-    if mask is not None and np.any(mask):
-        ax.contour((np.asarray(mask) > 0).astype(float), levels=[0.5], colors=["white"], linewidths=0.9)
-    return h
-
-
 def _n_components(mask: np.ndarray) -> int:
     from scipy import ndimage
 
@@ -316,8 +273,8 @@ def _n_components(mask: np.ndarray) -> int:
 
 def explanation_figure(e: Explanation, path: str | Path | None = None, dpi: int = 110):
     """The per-image figure: image, truth, raw mask, processed mask, Grad-CAM, attention."""
-    plt = _plt()
-    img = _display(e.image)
+    plt = pyplot()
+    img = display_image(e.image)
     panels = ["image"] + (["truth"] if e.truth is not None else []) + ["raw", "processed", "gradcam", "attention"]
     ncol = 3
     nrow = math.ceil(len(panels) / ncol)
@@ -331,18 +288,18 @@ def explanation_figure(e: Explanation, path: str | Path | None = None, dpi: int 
             ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="bilinear")
             ax.set_title("image")
         elif p == "truth":
-            _mask_overlay(ax, img, truth, TRUTH_COLOUR)
+            mask_overlay(ax, img, truth, TRUTH_COLOUR)
             ax.set_title("ground truth")
         elif p == "raw":
-            _mask_overlay(ax, img, e.raw_mask, PRED_COLOUR, truth)
+            mask_overlay(ax, img, e.raw_mask, PRED_COLOUR, truth)
             t = f"predicted (raw) mask, {_n_components(e.raw_mask)} comp."
             ax.set_title(t + (f"\nDice {e.raw_dice:.3f}" if e.raw_dice is not None else ""), fontsize=9)
         elif p == "processed":
-            _mask_overlay(ax, img, e.mask, PRED_COLOUR, truth)
+            mask_overlay(ax, img, e.mask, PRED_COLOUR, truth)
             t = f"processed mask, {_n_components(e.mask)} comp."
             ax.set_title(t + (f"\nDice {e.dice:.3f}" if e.dice is not None else ""), fontsize=9)
         elif p == "gradcam":
-            hm = _heat_overlay(ax, img, e.heat, e.mask)
+            hm = heat_overlay(ax, img, e.heat, e.mask)
             ax.set_title(f"Grad-CAM ({e.layer})\nwhite: processed mask", fontsize=9)
             fig.colorbar(hm, ax=ax, fraction=0.046, pad=0.03)
         elif p == "attention":
@@ -427,8 +384,4 @@ def register_cli(sub) -> None:
     s.add_argument("--device", default="auto")
     s.add_argument("images", nargs="+")
     s.set_defaults(func=cmd_explain)
-
-    from .report import register_cli as register_report
-
-    register_report(sub)
 

@@ -40,7 +40,7 @@ class Predictor:
     ):
         """``confidence_gate`` replaces the checkpoints' confidence gate (0 turns it off)."""
         members = [model] if isinstance(model, (str, Path, dict)) else list(model)
-        paths = _expand_ensemble(members)
+        paths = expand_ensemble(members)
         self.device = resolve_device(device)
         # A member is a checkpoint path, a run/cross-validation dir, or a checkpoint dict already loaded.
         self.checkpoints = [p if isinstance(p, dict) else load_checkpoint(p) for p in paths]
@@ -69,7 +69,7 @@ class Predictor:
         arr = image.array if isinstance(image, Image2D) else np.asarray(image, np.float32)
         return preprocess_array(arr, self.image_size)
 
-    def _forward(self, x: torch.Tensor, mc_dropout: bool = False) -> torch.Tensor:
+    def forward_probability(self, x: torch.Tensor, mc_dropout: bool = False) -> torch.Tensor:
         """Mean probability over ensemble members (and flips with TTA) of a (B, 1, S, S) batch."""
         _set_dropout(self.averaged, mc_dropout)
         try:
@@ -84,7 +84,7 @@ class Predictor:
         batch = torch.stack([self.preprocess(im) for im in images])
         outs = []
         for i in range(0, len(batch), self.batch_size):
-            outs.append(self._forward(batch[i : i + self.batch_size].to(self.device), mc_dropout).cpu())
+            outs.append(self.forward_probability(batch[i : i + self.batch_size].to(self.device), mc_dropout).cpu())
         return torch.cat(outs)
 
     def predict(self, images: list[Image2D | np.ndarray | str | Path]) -> list[Prediction]:
@@ -111,7 +111,7 @@ def _set_dropout(net: torch.nn.Module, active: bool) -> None:
             m.train(active)
 
 
-def _expand_ensemble(members: list) -> list:
+def expand_ensemble(members: list) -> list:
     """A directory of cross-validation folds (``fold*/model.pt``) stands for its members."""
     out: list = []
     for p in members:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .explain import DEFAULT_LAYER, _display, _heat_overlay, _mask_overlay, _plt, PRED_COLOUR, TRUTH_COLOUR, explain_image, resolve_layer
+from .explain import DEFAULT_LAYER, explain_image, resolve_layer
+from .figures import PRED_COLOUR, TRUTH_COLOUR, display_image, heat_overlay, mask_overlay, pyplot
 from .io import read_image
 
 CLASSES = ("benign", "malignant", "normal")
@@ -90,7 +91,7 @@ def _history_path(model, run) -> Path | None:
 
 
 def training_curves(history: list[dict], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     ep = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.3))
     axes[0].plot(ep, [h.get("loss") for h in history], "o-", ms=3)
@@ -129,7 +130,7 @@ def training_curves(history: list[dict], path: Path) -> None:
 
 def gate_plot(result: dict, path: Path) -> None:
     """Held-out lesion Dice, normal false-positive rate and score against the confidence gate."""
-    plt = _plt()
+    plt = pyplot()
     curve = result["curve"]
     g = [c["gate"] for c in curve]
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
@@ -150,12 +151,12 @@ def gate_plot(result: dict, path: Path) -> None:
 
 def case_grid(cases: list, path: Path, title: str) -> None:
     """Rows of (image, truth, prediction, processed, Grad-CAM) like the paper's Figures 5 and 6."""
-    plt = _plt()
+    plt = pyplot()
     cols = ["image", "ground truth", "prediction (raw)", "processed mask", "Grad-CAM"]
     n = len(cases)
     fig, axes = plt.subplots(n, len(cols), figsize=(len(cols) * 2.5, n * 2.3 + 0.6), squeeze=False)
     for r, e in enumerate(cases):
-        img = _display(e.image)
+        img = display_image(e.image)
         for c, ax in enumerate(axes[r]):
             ax.set_xticks([])
             ax.set_yticks([])
@@ -164,13 +165,13 @@ def case_grid(cases: list, path: Path, title: str) -> None:
                 cls = f"{e.label}, " if e.label and e.label not in e.name else ""
                 ax.set_ylabel(f"{e.name}\n{cls}Dice {_fmt(e.dice)}", fontsize=8)
             elif c == 1:
-                _mask_overlay(ax, img, e.truth, TRUTH_COLOUR)
+                mask_overlay(ax, img, e.truth, TRUTH_COLOUR)
             elif c == 2:
-                _mask_overlay(ax, img, e.raw_mask, PRED_COLOUR, e.truth)
+                mask_overlay(ax, img, e.raw_mask, PRED_COLOUR, e.truth)
             elif c == 3:
-                _mask_overlay(ax, img, e.mask, PRED_COLOUR, e.truth)
+                mask_overlay(ax, img, e.mask, PRED_COLOUR, e.truth)
             else:
-                hm = _heat_overlay(ax, img, e.heat, e.mask)
+                hm = heat_overlay(ax, img, e.heat, e.mask)
             if r == 0:
                 ax.set_title(cols[c], fontsize=9)
             ax.set_aspect("auto")
@@ -187,7 +188,7 @@ def size_scatter(records: list[dict], path: Path) -> dict:
     """Dice versus lesion size (% of the image), one colour per class."""
     from scipy.stats import spearmanr
 
-    plt = _plt()
+    plt = pyplot()
     pts = [r for r in records if r.get("has_lesion") and r.get("dice") is not None and r.get("area_pct")]
     fig, ax = plt.subplots(figsize=(6, 4))
     colours = {"benign": "C0", "malignant": "C3"}
@@ -230,7 +231,7 @@ def make_report(
     progress: bool = False,
 ) -> Path:
     """Evaluate ``model`` on ``data`` and write ``OUT/report.md``, ``report.html`` and PNGs."""
-    from .evaluation import _truth, evaluate, evaluation_items
+    from .evaluation import evaluate, evaluation_items, truth_mask
     from .inference import Predictor
 
     out = Path(out)
@@ -287,7 +288,7 @@ def make_report(
         for r in recs:
             it = items.get(r["image"], {"image": r["image"], "label": []})
             im = read_image(r["image"])
-            truth = _truth(it, im.shape) if it.get("label") else None
+            truth = truth_mask(it, im.shape) if it.get("label") else None
             cases.append(explain_image(predictor, im, truth, layer_name, name=str(r.get("id") or Path(r["image"]).name), label=r.get("class") or ""))
         fname = f"cases_{key}.png"
         case_grid(cases, out / fname, f"{title} by Dice")

@@ -84,7 +84,7 @@ def test_oracle_asks_for_what_the_model_gets_wrong_by_the_true_masks():
     predictor = _untrained_predictor()
     pool = torch.rand(5, 1, 32, 32)
     with torch.no_grad():
-        pred = (predictor._forward(pool) > predictor.threshold).float()
+        pred = (predictor.forward_probability(pool) > predictor.threshold).float()
     truth = pred.clone()  # rows 0, 1, 4: exactly what the model draws
     truth[2] = 1 - pred[2]  # the model misses the lesion entirely: Dice 0
     quarter = torch.zeros_like(pred[3])

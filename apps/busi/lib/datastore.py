@@ -33,14 +33,9 @@ from monailabel.interfaces.exception import ImageNotFoundException
 
 from busi_monai.io import DEFAULT_MAX_PIXELS, BusiInputError, read_image, read_mask
 from busi_monai.jsonio import dumps
+from lib.errors import http_error
 
 logger = logging.getLogger(__name__)
-
-
-def http_error(status: int, msg: str):
-    from fastapi import HTTPException
-
-    return HTTPException(status_code=status, detail=msg)
 
 
 def check_name(value: str, what: str) -> str:

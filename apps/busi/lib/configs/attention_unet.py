@@ -32,6 +32,7 @@ from lib.infers.attention_unet import AttentionUNetInfer, GradCamInfer
 from lib.trainers.attention_unet import AttentionUNetTrain
 from lib.activelearning.mc_dropout import MCDropoutDiverseStrategy, MCDropoutStrategy, TypiClustStrategy
 from lib.scoring.mc_dropout import MCDropoutScoring
+from lib.errors import ModelNotAvailable
 
 from monailabel.interfaces.config import TaskConfig
 
@@ -40,10 +41,6 @@ logger = logging.getLogger(__name__)
 NAME = "attention_unet"
 LABELS = {"lesion": 1}
 TRUE = ("1", "true", "yes", "on")
-
-
-class ModelNotAvailable(RuntimeError):
-    """No weights to serve yet (no published model and no bundle)."""
 
 
 def _conf_int(conf: dict, key: str, default: int | None) -> int | None:

@@ -19,6 +19,8 @@ import time
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from lib.errors import ModelNotAvailable, http_error
+
 logger = logging.getLogger(__name__)
 
 RESULT_EXTENSIONS = (".nrrd", ".seg.nrrd", ".nii.gz", ".nii", ".mha", ".png")
@@ -56,16 +58,6 @@ def public_image_name(path: str) -> str | None:
     return None
 
 
-def _bad_request(status: int, msg: str):
-    """An HTTP error with a readable message (shown by Slicer) instead of a bare 500."""
-    try:
-        from fastapi import HTTPException
-
-        return HTTPException(status_code=status, detail=msg)
-    except ImportError:  # pragma: no cover - fastapi is part of monailabel's runtime
-        return RuntimeError(msg)
-
-
 class AttentionUNetInfer(InferTask):
     def __init__(self, served, settings, labels: dict):
         self.served = served
@@ -101,29 +93,27 @@ class AttentionUNetInfer(InferTask):
         """The request's image, result extension and the served model, or a 4xx/503 naming the problem."""
         from busi_monai.io import BusiInputError, read_image
 
-        from lib.configs.attention_unet import ModelNotAvailable
-
         image = request.get("image")
         if not isinstance(image, str):
-            raise _bad_request(422, "attention_unet works on an image file; in-memory arrays are not supported")
+            raise http_error(422, "attention_unet works on an image file; in-memory arrays are not supported")
         name = public_image_name(image)
         if name is None:
             # MONAI Label reads any existing path it is given as `image`; only the studies folder,
             # its sessions and its own uploads are served. Same answer as for an unknown id.
             logger.warning("attention_unet: refused an image outside the studies folder: %r", image)
-            raise _bad_request(404, "no such image in the datastore: give the id of a datastore image, or upload the file")
+            raise http_error(404, "no such image in the datastore: give the id of a datastore image, or upload the file")
         ext = str(request.get("result_extension") or ".nii.gz")
         ext = ext if ext.startswith(".") else f".{ext}"
         if ext.lower() not in RESULT_EXTENSIONS:
-            raise _bad_request(422, f"result_extension {ext!r}: choose one of {', '.join(RESULT_EXTENSIONS)}")
+            raise http_error(422, f"result_extension {ext!r}: choose one of {', '.join(RESULT_EXTENSIONS)}")
         try:
             img = read_image(image, max_pixels=self.settings.max_image_pixels)
         except BusiInputError as e:
-            raise _bad_request(422, str(e).replace(image, name)) from None
+            raise http_error(422, str(e).replace(image, name)) from None
         try:
             predictor, version = self.served.get()
         except ModelNotAvailable as e:
-            raise _bad_request(503, str(e).replace(self.settings.model_dir, "<model_dir>")) from None
+            raise http_error(503, str(e).replace(self.settings.model_dir, "<model_dir>")) from None
         return image, img, ext, predictor, version
 
     def __call__(self, request):
@@ -202,7 +192,7 @@ class GradCamInfer(AttentionUNetInfer):
         try:
             heat = gradcam(predictor, img, layer)
         except (KeyError, ValueError) as e:
-            raise _bad_request(422, f"layer {layer!r}: {e}") from None
+            raise http_error(422, f"layer {layer!r}: {e}") from None
         bands = np.ceil(np.clip(heat, 0, 1) * GRADCAM_LEVELS).astype(np.uint8)
         fd, out = tempfile.mkstemp(prefix="busi-gradcam-", suffix=ext)
         os.close(fd)

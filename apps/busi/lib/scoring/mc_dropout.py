@@ -36,6 +36,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from busi_monai.active import bottleneck_features, uncertainty_scores
 from busi_monai.jsonio import finite, write_json
+from lib.errors import ModelNotAvailable
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,6 @@ class MCDropoutScoring(ScoringMethod):
         return bool(self.outdated(datastore, version, passes, to_score) or self.unembedded(datastore, version, set(to_score)))
 
     def __call__(self, request, datastore: Datastore):
-        from lib.configs.attention_unet import ModelNotAvailable
 
         passes = int(request.get("mc_passes", self.settings.mc_passes))
         try:
