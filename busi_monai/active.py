@@ -39,6 +39,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ from .jsonio import dumps, write_json
 
 log = logging.getLogger(__name__)
 
+# The strategies of the app and of al-simulate (selected by name from SELECTORS, below).
 STRATEGIES = ("random", "entropy", "bald", "tta", "bald_diverse", "typiclust")
 # Read the unlabelled images' masks: yardsticks in al-simulate, never a choice in the app.
 # ``oracle``: the worst images by the selection score; ``oracle_lesions``: the worst lesion
@@ -289,6 +291,74 @@ class Selection:
     scores: list[float] | None  # the picked images' scores (None for random)
 
 
+@dataclass
+class Pool:
+    """What a strategy chooses from: the unlabelled images (rows of ``images``), the labelled
+    ones, and the model. ``labels`` (the pool's true masks) only the oracles read."""
+
+    predictor: object
+    images: torch.Tensor
+    k: int
+    rng: random.Random
+    labelled_images: torch.Tensor | None = None
+    mc_passes: int = 8
+    labels: torch.Tensor | None = None
+
+    def features(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Bottleneck features of the pool and of the labelled images (None without any)."""
+        net = self.predictor.network
+        labelled = self.labelled_images
+        return bottleneck_features(net, self.images), bottleneck_features(net, labelled) if labelled is not None and len(labelled) else None
+
+    def mc_dropout_scores(self) -> dict[str, torch.Tensor]:
+        return uncertainty_scores(mc_dropout_probabilities(self.predictor, self.images, self.mc_passes))
+
+
+def _ranked(pool: Pool, scores: torch.Tensor) -> Selection:
+    idx = top_k(scores, pool.k)
+    return Selection(idx, [float(scores[i]) for i in idx])
+
+
+def _oracle(lesions_only: bool):
+    def choose(pool: Pool) -> Selection:
+        n = pool.images.shape[0]
+        if pool.labels is None or len(pool.labels) != n:
+            name = ORACLE_LESIONS if lesions_only else ORACLE
+            raise ValueError(f"{name} reads the pool's true masks: pass pool_labels, one per pool image")
+        scores = -true_scores(pool.predictor, pool.images, pool.labels)
+        if lesions_only:
+            scores[pool.labels.flatten(1).sum(1) == 0] = -float("inf")
+        return _ranked(pool, scores)
+
+    return choose
+
+
+def _diverse(pool: Pool) -> Selection:
+    scores = pool.mc_dropout_scores()["bald"]
+    pool_features, labelled_features = pool.features()
+    idx = diverse_top_k(scores, pool_features, pool.k, labelled_features)
+    return Selection(idx, [float(scores[i]) for i in idx])
+
+
+def _typical(pool: Pool) -> Selection:
+    pool_features, labelled_features = pool.features()
+    return Selection(typical_clusters(pool_features, labelled_features, pool.k, seed=pool.rng.randrange(2**31)), None)
+
+
+# Each strategy by name: adding one is one entry here (the oracles read the true masks, so they
+# are yardsticks of al-simulate, never offered by the app).
+SELECTORS: dict[str, Callable[[Pool], Selection]] = {
+    "random": lambda pool: Selection(sorted(pool.rng.sample(range(pool.images.shape[0]), pool.k)), None),
+    "entropy": lambda pool: _ranked(pool, pool.mc_dropout_scores()["entropy"]),
+    "bald": lambda pool: _ranked(pool, pool.mc_dropout_scores()["bald"]),
+    "tta": lambda pool: _ranked(pool, uncertainty_scores(tta_probabilities(pool.predictor, pool.images))["bald"]),
+    "bald_diverse": _diverse,
+    "typiclust": _typical,
+    ORACLE: _oracle(lesions_only=False),
+    ORACLE_LESIONS: _oracle(lesions_only=True),
+}
+
+
 def select(
     strategy: str,
     predictor,
@@ -303,42 +373,10 @@ def select(
 
     ``pool_labels`` (the pool's true masks): only the oracles, :data:`ORACLE` and :data:`ORACLE_LESIONS`, read them.
     """
-    n = pool_images.shape[0]
-    k = min(k, n)
-
-    def features() -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Bottleneck features of the pool and of the labelled images (None without any)."""
-        net = predictor.network
-        labelled = bottleneck_features(net, labelled_images) if labelled_images is not None and len(labelled_images) else None
-        return bottleneck_features(net, pool_images), labelled
-
-    if strategy == "random":
-        return Selection(sorted(rng.sample(range(n), k)), None)
-    if strategy == "tta":
-        scores = uncertainty_scores(tta_probabilities(predictor, pool_images))["bald"]
-        idx = top_k(scores, k)
-    elif strategy in ("entropy", "bald", "bald_diverse"):
-        s = uncertainty_scores(mc_dropout_probabilities(predictor, pool_images, mc_passes))
-        scores = s["entropy"] if strategy == "entropy" else s["bald"]
-        if strategy == "bald_diverse":
-            pool_features, labelled_features = features()
-            idx = diverse_top_k(scores, pool_features, k, labelled_features)
-        else:
-            idx = top_k(scores, k)
-    elif strategy == "typiclust":
-        pool_features, labelled_features = features()
-        idx = typical_clusters(pool_features, labelled_features, k, seed=rng.randrange(2**31))
-        return Selection(idx, None)
-    elif strategy in (ORACLE, ORACLE_LESIONS):
-        if pool_labels is None or len(pool_labels) != n:
-            raise ValueError(f"{strategy} reads the pool's true masks: pass pool_labels, one per pool image")
-        scores = -true_scores(predictor, pool_images, pool_labels)
-        if strategy == ORACLE_LESIONS:
-            scores[pool_labels.flatten(1).sum(1) == 0] = -float("inf")
-        idx = top_k(scores, k)
-    else:
+    if strategy not in SELECTORS:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(SIMULATION_STRATEGIES)}")
-    return Selection(idx, [float(scores[i]) for i in idx])
+    pool = Pool(predictor, pool_images, min(k, pool_images.shape[0]), rng, labelled_images, mc_passes, pool_labels)
+    return SELECTORS[strategy](pool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,16 +393,6 @@ def labels_to_reach(labels: list[float], dice: list[float], target: float) -> fl
             n0, d0 = labels[i - 1], dice[i - 1]
             return float(n0 + (target - d0) / (d - d0) * (n - n0))
     return None
-
-
-def _subset(data, idx: list[int]):
-    from .training import CachedData
-
-    return CachedData(data.images[idx], data.labels[idx], [data.items[i] for i in idx])
-
-
-def _empty_like(data):
-    return _subset(data, [])
 
 
 def _test_scores(checkpoint_path: Path, test, device: str) -> dict:
@@ -422,7 +450,8 @@ def simulate(
     """
     from .inference import Predictor
     from .presets import get_recipe
-    from .training import cache_items, fit, load_datalist
+    from .datasets import cache_items, load_datalist
+    from .training import fit
 
     for s in strategies:
         if s not in SIMULATION_STRATEGIES:
@@ -461,7 +490,7 @@ def simulate(
     def train(labelled_idx: list[int], epochs: int, run_dir: Path, init: Path | None, seed: int, lr: float | None = None) -> tuple[Path, dict, float]:
         recipe = base.with_overrides(epochs=epochs, learning_rate=lr)
         t = time.time()
-        fit(_subset(pool, labelled_idx), _empty_like(pool), run_dir, preset, recipe, device, init_checkpoint=init, progress=False, seed=seed)
+        fit(pool.subset(labelled_idx), pool.subset([]), run_dir, preset, recipe, device, init_checkpoint=init, progress=False, seed=seed)
         ckpt = run_dir / "last.pt"
         return ckpt, _test_scores(ckpt, test, device), time.time() - t
 

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from .jsonio import dumps, write_json
 from .networks import build_network
 from .presets import get_recipe
-from .training import CachedData, cache_items, compile_network, load_pack, mixed_precision, resolve_device
+from .datasets import CachedData, cache_items, load_pack, split_items
+from .training import compile_network, mixed_precision, resolve_device
 
 PAPER_IMAGES = 624
 PAPER_EPOCHS = 50
@@ -36,17 +37,9 @@ def _sync(dev):
 
 
 def benchmark_items(data: str | None, limit: int) -> list[dict]:
-    """Image/label pairs from a prepared dataset, a BUSI-layout folder or sample-data."""
-    from .data import scan_busi
-    from .training import load_datalist
-
-    if data and Path(data, "dataset.json").is_file():
-        lists = load_datalist(data)
-        items = lists["training"] + lists["test"]
-    else:
-        root = Path(data) if data else Path(__file__).resolve().parents[1] / "sample-data"
-        cases, _ = scan_busi(root)
-        items = [{"image": str(c.image), "label": [str(m) for m in c.masks]} for c in cases if c.masks]  # the union of the masks
+    """Image/label pairs from a prepared dataset (both splits), a BUSI-layout folder (a label is
+    the union of the image's masks) or sample-data."""
+    items = [it for it in split_items(data or Path(__file__).resolve().parents[1] / "sample-data", None) if it["label"]]
     if not items:
         raise FileNotFoundError(f"no images found in {data}")
     reps = (limit + len(items) - 1) // len(items)

@@ -125,6 +125,17 @@ def _versions() -> dict:
     }
 
 
+# What configs/train.json trains (MONAI's SupervisedTrainer, needing only MONAI): the paper's
+# recipe. A checkpoint trained otherwise (e.g. `best`: Dice+BCE, busi-monai's batched ultrasound
+# augmentation, cosine) is not reproduced by it, and the bundle says so.
+TRAIN_JSON_RECIPE = {"loss": "bce", "augment": "none", "lr_schedule": "exponential", "weight_decay": 0.0}
+
+
+def train_json_reproduces(recipe: dict) -> bool:
+    """Whether the bundle's train.json trains the recipe these weights were trained with."""
+    return all(recipe.get(k, v) == v for k, v in TRAIN_JSON_RECIPE.items())
+
+
 def make_metadata(ckpt: dict, version: str, eval_metrics: dict, image_size: int) -> dict:
     s = int(image_size)
     recipe = ckpt.get("recipe", {})
@@ -191,6 +202,11 @@ def make_metadata(ckpt: dict, version: str, eval_metrics: dict, image_size: int)
             "threshold": float(ckpt.get("threshold", 0.5)),
             # Scalar provenance the training run stored beside the weights (epoch, best_val_dice, ...).
             "training": {k: v for k, v in ckpt.items() if k not in CORE_KEYS and isinstance(v, (int, float, str, bool))},
+            "train_json": {
+                "recipe": "paper: BCE, Adam with exponential decay, no augmentation (MONAI SupervisedTrainer)",
+                "reproduces_these_weights": train_json_reproduces(recipe),
+                "these_weights_were_trained_by": f"busi-monai train --preset {ckpt.get('preset')} (recipe above)",
+            },
         },
     }
 
@@ -245,6 +261,16 @@ def _readme(name: str, version: str, ckpt: dict, image_size: int, eval_metrics: 
     }
     for k, v in subs.items():
         text = text.replace(k, v)
+    if not train_json_reproduces(recipe):
+        text += (
+            f"\n**`configs/train.json` does not reproduce these weights.** busi-monai trained them with its "
+            f"`{ckpt.get('preset')}` recipe (loss `{recipe.get('loss')}`, augmentation `{recipe.get('augment')}`, "
+            f"`{recipe.get('lr_schedule')}` schedule, {recipe.get('epochs')} epochs at {image_size} px), whose "
+            "augmentation needs busi-monai; `configs/train.json` trains the paper's recipe (BCE, Adam with "
+            "exponential decay, no augmentation) on the same network. To reproduce these weights run "
+            f"`busi-monai train --preset {ckpt.get('preset')}` (the full recipe is `busi_monai.recipe` in "
+            "`configs/metadata.json`).\n"
+        )
     if members > 1 or flips:
         what = f"{members} networks (cross-validation folds)" if members > 1 else "the network"
         text += (

@@ -38,7 +38,7 @@ def cmd_studies(a):
 
 def cmd_pack(a):
     from .io import read_image, read_mask
-    from .training import cache_items, load_datalist, save_pack
+    from .datasets import cache_items, load_datalist, save_pack
 
     lists = load_datalist(a.data)
     items = [dict(it, split=s) for s in ("training", "test") for it in lists[s]]

@@ -18,14 +18,11 @@ import numpy as np
 
 from .presets import get_recipe
 from .jsonio import dumps, write_json
+from .datasets import load_split
 from .training import (
-    CachedData,
     TrainingError,
-    cache_items,
     fit,
     image_scores,
-    load_datalist,
-    load_pack,
     predict_cached,
     quick_scores,
     resolve_device,
@@ -55,10 +52,6 @@ def grouped_stratified_folds(items: list[dict], k: int, seed: int = 0) -> list[l
         folds[f].extend(members)
         per_class[f][cls] = per_class[f].get(cls, 0) + len(members)
     return [sorted(f) for f in folds]
-
-
-def _subset(data: CachedData, idx: list[int]) -> CachedData:
-    return CachedData(data.images[idx], data.labels[idx], [data.items[i] for i in idx])
 
 
 def cross_validate(
@@ -99,24 +92,10 @@ def cross_validate(
     return summarize_folds(out, preset, recipe)
 
 
-def _training_data(data, recipe, progress: bool) -> CachedData:
-    """The training split of a pack or prepared dataset at the recipe's size."""
-    data = Path(data)
-    if data.suffix == ".npz":
-        pack = load_pack(data)
-        rows = [i for i, m in enumerate(pack.items) if m.get("split", "training") == "training"]
-        cached = CachedData(pack.images[rows], pack.labels[rows], [pack.items[i] for i in rows])
-    else:
-        cached = cache_items(load_datalist(data)["training"], recipe.image_size, progress)
-    if cached.images.shape[-1] != recipe.image_size:
-        raise TrainingError(f"{data}: pack is {cached.images.shape[-1]}px, recipe wants {recipe.image_size}px")
-    return cached
-
-
 def _train_folds(data, out: Path, preset, folds, recipe, device, seed, wanted, compile_model, progress) -> None:
     from .checkpoint import load_checkpoint, model_from_checkpoint
 
-    cached = _training_data(data, recipe, progress)
+    cached = load_split(data, "training", recipe.image_size, progress)
     fold_idx = grouped_stratified_folds(cached.items, folds, seed)
     dev = resolve_device(device)
     for f in wanted:
@@ -124,12 +103,12 @@ def _train_folds(data, out: Path, preset, folds, recipe, device, seed, wanted, c
         held_set = set(held)
         rest = [i for i in range(len(cached)) if i not in held_set]
         tr, va = split_validation([dict(cached.items[i], _row=i) for i in rest], recipe.val_fraction, seed + f)
-        train = _subset(cached, [it["_row"] for it in tr])
-        val = _subset(cached, [it["_row"] for it in va])
+        train = cached.subset([it["_row"] for it in tr])
+        val = cached.subset([it["_row"] for it in va])
         summary = fit(train, val, out / f"fold{f}", preset, recipe, device, progress=progress, seed=seed + f, compile_model=compile_model)
         # Score the fold's best model on its held-out fold at network resolution.
         model = model_from_checkpoint(load_checkpoint(out / f"fold{f}" / "model.pt"), dev)
-        held_data = _subset(cached, held).to(dev)
+        held_data = cached.subset(held).to(dev)
         scores = quick_scores(predict_cached(model, held_data.images, amp=dev.type == "cuda"), held_data.labels, recipe.threshold)
         rec = {
             "fold": f, "n_train": len(train), "n_val": len(val), "n_held_out": len(held),
@@ -197,7 +176,7 @@ def choose_gate(data, out: Path, folds: int, seed: int, recipe, device: str = "a
 
     paths = [Path(out) / f"fold{f}" / "model.pt" for f in range(folds)]
     checkpoints = [load_checkpoint(p) for p in paths]
-    cached = _training_data(data, recipe, progress)
+    cached = load_split(data, "training", recipe.image_size, progress)
     dev = resolve_device(device)
     scores = []
     for ck, held in zip(checkpoints, grouped_stratified_folds(cached.items, folds, seed)):

@@ -12,25 +12,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .inference import Predictor
+from .datasets import source_kind, split_items
 from .io import read_image, read_mask
 from .jsonio import write_json
 from .metrics import image_metrics, summarize
-from .training import load_datalist
-
-
-def evaluation_items(data: str | Path, split: str = "test") -> list[dict]:
-    data = Path(data)
-    if (data / "dataset.json").is_file():
-        return load_datalist(data)[split]
-    from .data import scan_busi
-
-    cases, problems = scan_busi(data)
-    if not cases:
-        raise FileNotFoundError(f"{data}: neither a prepared dataset (dataset.json) nor a BUSI folder with images")
-    items = []
-    for c in cases:
-        items.append({"image": str(c.image), "label": [str(m) for m in c.masks], "class": c.cls, "id": c.id})
-    return items
 
 
 def truth_mask(item: dict, shape) -> "object":
@@ -46,16 +31,16 @@ def truth_mask(item: dict, shape) -> "object":
 
 def evaluate(model, data: str | Path, out: str | Path | None = None, split: str = "test", device: str = "auto", progress: bool = True, predictor: Predictor | None = None) -> dict:
     predictor = predictor or Predictor(model, device=device)
-    if str(data).endswith(".npz"):
+    if source_kind(data) == "pack":
         # A pack carries the test split at full size (see `busi-monai pack --with-test-originals`).
-        from .training import load_pack, load_pack_originals
+        from .datasets import load_pack, load_pack_originals
 
         originals = load_pack_originals(data)
         items = [dict(m, image=m.get("id"), _orig=o) for m, o in zip((m for m in load_pack(data).items if m.get("split") == "test"), originals)]
         load = lambda it: it["_orig"][0]  # noqa: E731
         truth_of = lambda it, shape: it["_orig"][1]  # noqa: E731
     else:
-        items = evaluation_items(data, split)
+        items = split_items(data, split)
         load = lambda it: read_image(it["image"])  # noqa: E731
         truth_of = truth_mask
     records, raw_records = [], []

@@ -26,7 +26,7 @@ ITK_LIKE = (".nii", ".nii.gz", ".nrrd", ".seg.nrrd", ".nhdr", ".mha", ".mhd", ".
 SUPPORTED = PNG_LIKE + ITK_LIKE
 
 # Large enough for any ultrasound frame, small enough to stop a decompression bomb.
-DEFAULT_MAX_PIXELS = int(os.environ.get("BUSI_MAX_PIXELS", 4096 * 4096))
+DEFAULT_MAX_PIXELS = 4096 * 4096  # the app sets its own with --conf max_image_pixels
 
 
 class BusiInputError(ValueError):

@@ -231,7 +231,8 @@ def make_report(
     progress: bool = False,
 ) -> Path:
     """Evaluate ``model`` on ``data`` and write ``OUT/report.md``, ``report.html`` and PNGs."""
-    from .evaluation import evaluate, evaluation_items, truth_mask
+    from .datasets import split_items
+    from .evaluation import evaluate, truth_mask
     from .inference import Predictor
 
     out = Path(out)
@@ -240,7 +241,7 @@ def make_report(
     layer_name = resolve_layer(predictor.network, layer)
     summary = evaluate(model, data, out / "metrics.json", split=split, progress=progress, predictor=predictor)
     records = summary["per_image"]
-    items = {it["image"]: it for it in evaluation_items(data, split)}
+    items = {it["image"]: it for it in split_items(data, split)}
 
     for r in records:  # lesion size as a fraction of the image (images differ in size)
         if r.get("has_lesion"):

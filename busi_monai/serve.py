@@ -114,7 +114,8 @@ def warm_up(
     import random
 
     from .presets import get_recipe
-    from .training import TrainingError, cache_items, fit, split_validation
+    from .datasets import cache_items
+    from .training import TrainingError, fit, split_validation
 
     items = labelled_items(studies)
     if not items:

@@ -8,28 +8,26 @@ CLI, the MONAI Label trainer and cross-validation.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset
 from monai.losses import DeepSupervisionLoss, DiceCELoss
-from monai.transforms import Compose
 from tqdm.auto import tqdm
 
-from .jsonio import write_json
 from .checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
+from .datasets import CachedData, load_split
+from .jsonio import write_json
 from .networks import build_network, network_config
 from .presets import Recipe, get_recipe
-from .transforms import LoadBusiImaged, augmentation, preprocess_list
+from .transforms import augmentation
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +45,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainingError("--device cuda was asked for but no CUDA GPU is available")
     return torch.device(device)
-
-
-def load_datalist(data_dir: str | Path) -> dict[str, list[dict]]:
-    """``dataset.json`` of a prepared dataset, with absolute paths."""
-    data_dir = Path(data_dir)
-    path = data_dir / "dataset.json"
-    if not path.is_file():
-        raise TrainingError(f"{data_dir}: not a prepared dataset (no dataset.json); run `busi-monai prepare` first")
-    spec = json.loads(path.read_text())
-    out = {}
-    for split in ("training", "test"):
-        items = []
-        for it in spec.get(split, []):
-            it = dict(it)
-            for k in ("image", "label"):
-                if k in it and not os.path.isabs(it[k]):
-                    it[k] = str(data_dir / it[k])
-            it.setdefault("id", Path(it["image"]).name.split(".")[0])
-            items.append(it)
-        out[split] = items
-    return out
 
 
 def split_validation(items: list[dict], fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -99,119 +76,30 @@ def split_record(train: list[dict], val: list[dict]) -> dict:
     return {"training": side(train), "validation": side(val)}
 
 
-@dataclass
-class CachedData:
-    images: torch.Tensor  # (N, 1, S, S) float32 in [0, 1]
-    labels: torch.Tensor  # (N, 1, S, S) float32 {0, 1}
-    items: list[dict]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def to(self, device) -> "CachedData":
-        return CachedData(self.images.to(device), self.labels.to(device), self.items)
+# A recipe's ``loss`` and ``lr_schedule`` name one of these; adding one is one entry here.
+LOSSES: dict[str, Callable[[], torch.nn.Module]] = {
+    "bce": torch.nn.BCEWithLogitsLoss,  # the paper's
+    "dice_bce": lambda: DiceCELoss(sigmoid=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=False),
+}
+SCHEDULES: dict[str, Callable[[Recipe, torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]] = {
+    "exponential": lambda r, opt, epochs: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=r.lr_decay),
+    "cosine": lambda r, opt, epochs: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs), eta_min=r.learning_rate * 0.01),
+}
 
 
-def cache_items(items: list[dict], image_size: int, progress: bool = True, num_workers: int = 0) -> CachedData:
-    """Decode and preprocess each item once with MONAI's CacheDataset."""
-    if not items:
-        return CachedData(torch.zeros(0, 1, image_size, image_size), torch.zeros(0, 1, image_size, image_size), [])
-    tf = Compose([LoadBusiImaged(("image", "label")), *preprocess_list(image_size)])
-    ds = CacheDataset(items, transform=tf, cache_rate=1.0, num_workers=num_workers or None, progress=progress)
-    images = torch.stack([torch.as_tensor(ds[i]["image"]) for i in range(len(ds))]).float()
-    labels = torch.stack([torch.as_tensor(ds[i]["label"]) for i in range(len(ds))]).float()
-    return CachedData(images, labels, list(items))
-
-
-def save_pack(data: CachedData, path: str | Path, originals: list[tuple[np.ndarray, np.ndarray]] | None = None) -> None:
-    """A compact 8-bit copy (e.g. to carry the preprocessed set to a GPU machine).
-
-    Images are stored as PNG (its row prediction packs ultrasound speckle ~30% tighter than
-    the npz's plain deflate), masks as bits. ``originals``: (image, mask) at full size, for
-    evaluation where the files are not at hand.
-    """
-    meta = [{k: v for k, v in it.items() if k not in ("image", "label")} for it in data.items]
-    images = np.round(data.images.numpy()[:, 0] * 255).astype(np.uint8)
-    orig_images = [np.clip(np.round(img), 0, 255).astype(np.uint8) for img, _ in originals or []]
-    extra = {}
-    for i, (_, mask) in enumerate(originals or []):
-        extra[f"orig_mask_{i}"] = np.packbits(mask.astype(bool), axis=-1)
-        extra[f"orig_shape_{i}"] = np.asarray(mask.shape)
-    np.savez_compressed(
-        path,
-        **_png_blobs("images", images),
-        labels=np.packbits(data.labels.numpy().astype(bool), axis=-1),
-        size=data.images.shape[-1],
-        meta=json.dumps(meta),
-        n_originals=len(originals or []),
-        **_png_blobs("orig_images", orig_images),
-        **extra,
-    )
-
-
-def _png_blobs(name: str, arrays) -> dict:
-    """Grayscale uint8 arrays as one byte string of PNGs and their end offsets."""
-    import io
-
-    from PIL import Image
-
-    chunks = []
-    for a in arrays:
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, format="PNG", optimize=True)
-        chunks.append(np.frombuffer(buf.getvalue(), np.uint8))
-    ends = np.cumsum([len(c) for c in chunks], dtype=np.int64)
-    return {f"{name}_png": np.concatenate(chunks) if chunks else np.zeros(0, np.uint8), f"{name}_png_ends": ends}
-
-
-def _from_png_blobs(z, name: str) -> list[np.ndarray]:
-    import io
-
-    from PIL import Image
-
-    blob, ends = z[f"{name}_png"], z[f"{name}_png_ends"]
-    starts = np.concatenate([[0], ends[:-1]])
-    return [np.asarray(Image.open(io.BytesIO(blob[a:b].tobytes()))) for a, b in zip(starts, ends)]
-
-
-def load_pack(path: str | Path) -> CachedData:
-    z = np.load(path)
-    size = int(z["size"])
-    raw = np.stack(_from_png_blobs(z, "images"))[:, None] if "images_png" in z else z["images"]  # older packs: raw bytes
-    images = torch.from_numpy(raw.astype(np.float32) / 255.0)
-    labels = torch.from_numpy(np.unpackbits(z["labels"], axis=-1)[..., :size].astype(np.float32))
-    return CachedData(images, labels, json.loads(str(z["meta"])))
-
-
-def load_pack_originals(path: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The full-size (image, mask) pairs stored by :func:`save_pack`, in order."""
-    z = np.load(path)
-    n = int(z["n_originals"])
-    images = _from_png_blobs(z, "orig_images") if "orig_images_png" in z else [z[f"orig_image_{i}"] for i in range(n)]
-    out = []
-    for i in range(n):
-        h, w = z[f"orig_shape_{i}"].tolist()
-        mask = np.unpackbits(z[f"orig_mask_{i}"], axis=-1)[:, :w]
-        out.append((images[i].astype(np.float32), mask.astype(np.uint8)))
-    return out
+def _named(registry: dict, name: str, what: str):
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(registry)}")
+    return registry[name]
 
 
 def make_loss(recipe: Recipe, deep_supervision: bool):
-    if recipe.loss == "bce":
-        loss = torch.nn.BCEWithLogitsLoss()
-    elif recipe.loss == "dice_bce":
-        loss = DiceCELoss(sigmoid=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=False)
-    else:
-        raise ValueError(f"unknown loss {recipe.loss!r}")
+    loss = _named(LOSSES, recipe.loss, "loss")()
     return DeepSupervisionLoss(loss, weight_mode="exp") if deep_supervision else loss
 
 
 def make_scheduler(recipe: Recipe, optimizer, epochs: int):
-    if recipe.lr_schedule == "exponential":
-        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=recipe.lr_decay)
-    if recipe.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs), eta_min=recipe.learning_rate * 0.01)
-    raise ValueError(f"unknown lr schedule {recipe.lr_schedule!r}")
+    return _named(SCHEDULES, recipe.lr_schedule, "lr schedule")(recipe, optimizer, epochs)
 
 
 @torch.no_grad()
@@ -490,19 +378,8 @@ def train_dataset(
     """
     named = {"epochs": epochs, "batch_size": batch_size, "image_size": image_size, "learning_rate": learning_rate}
     recipe = get_recipe(preset).with_overrides(**{**(overrides or {}), **{k: v for k, v in named.items() if v is not None}})
-    data = Path(data)
-    if data.suffix == ".npz":
-        pack = load_pack(data)
-        if pack.images.shape[-1] != recipe.image_size:
-            raise TrainingError(f"{data}: pack is {pack.images.shape[-1]}px, recipe wants {recipe.image_size}px")
-        idx = [i for i, m in enumerate(pack.items) if m.get("split", "training") == "training"]
-        items = [dict(pack.items[i], _row=i) for i in idx]
-        tr_items, va_items = split_validation(items, recipe.val_fraction, seed)
-        sel = lambda its: CachedData(pack.images[[it["_row"] for it in its]], pack.labels[[it["_row"] for it in its]], its)  # noqa: E731
-        train, val = sel(tr_items), sel(va_items)
-    else:
-        lists = load_datalist(data)
-        tr_items, va_items = split_validation(lists["training"], recipe.val_fraction, seed)
-        train = cache_items(tr_items, recipe.image_size, progress)
-        val = cache_items(va_items, recipe.image_size, progress)
+    data = load_split(data, "training", recipe.image_size, progress)
+    rows = [dict(it, _row=i) for i, it in enumerate(data.items)]
+    tr_items, va_items = split_validation(rows, recipe.val_fraction, seed)
+    train, val = (data.subset([it["_row"] for it in its]) for its in (tr_items, va_items))
     return fit(train, val, out, preset, recipe, device, resume, progress=progress, seed=seed, compile_model=compile_model)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -146,19 +146,19 @@ class BatchAugment(torch.nn.Module):
         return x.clamp_(0, 1), y
 
 
-AUGMENTATIONS = ("none", "ultrasound", "ultrasound+elastic")
+# A recipe's ``augment`` names one of these; adding a kind is one entry here.
+AUGMENTATIONS: dict[str, Callable[[], BatchAugment | None]] = {
+    "none": lambda: None,  # the paper's
+    "ultrasound": BatchAugment,
+    "ultrasound+elastic": lambda: BatchAugment(p_elastic=0.3),  # and an elastic warp in 30% of the samples
+}
 
 
 def augmentation(kind: str) -> BatchAugment | None:
-    """The augmentation of a recipe: ``none`` (the paper's), ``ultrasound``, or
-    ``ultrasound+elastic`` (the same and an elastic warp in 30% of the samples)."""
-    if kind == "none":
-        return None
-    if kind == "ultrasound":
-        return BatchAugment()
-    if kind == "ultrasound+elastic":
-        return BatchAugment(p_elastic=0.3)
-    raise ValueError(f"unknown augmentation {kind!r}; choose one of {', '.join(AUGMENTATIONS)}")
+    """The batched augmentation a recipe's ``augment`` names (None: no augmentation)."""
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {kind!r}; choose one of {', '.join(AUGMENTATIONS)}")
+    return AUGMENTATIONS[kind]()
 
 
 def processed_mask(

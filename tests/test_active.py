@@ -377,3 +377,11 @@ def test_app_scoring_of_a_diverged_model_stores_no_nan_and_next_sample_still_ans
     for strategy in (MCDropoutStrategy(), MCDropoutDiverseStrategy(), TypiClustStrategy()):
         pick = strategy({"strategy": strategy.name}, ds)
         assert pick["id"] in paths and pick["mc_dropout_score"] is None, strategy.name
+
+
+def test_every_strategy_is_one_registry_entry():
+    from busi_monai.active import SELECTORS, SIMULATION_STRATEGIES, STRATEGIES, select
+
+    assert list(SELECTORS) == list(SIMULATION_STRATEGIES) and set(STRATEGIES) < set(SELECTORS)
+    with pytest.raises(ValueError, match="choose one of random, entropy"):
+        select("coreset", None, torch.zeros(3, 1, 8, 8), 1, random.Random(0))

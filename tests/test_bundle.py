@@ -117,6 +117,31 @@ def test_layout_metadata_and_docs(bundle, trained_model):
     assert set(state) == {k for k in ck["state_dict"] if not k.startswith("aux_heads.")}
 
 
+def test_bundle_says_whether_its_train_config_reproduces_its_weights(bundle, trained_model, tmp_path):
+    """train.json is MONAI's SupervisedTrainer with the paper's recipe (it must run without
+    busi-monai); weights trained otherwise are not reproduced by it, and the bundle says so."""
+    from busi_monai.bundle import export_bundle
+    from busi_monai.checkpoint import load_checkpoint
+    from busi_monai.presets import get_recipe
+
+    train = json.loads((bundle / "configs" / "train.json").read_text())
+    assert train["loss"]["_target_"] == "torch.nn.BCEWithLogitsLoss"
+    assert train["lr_scheduler"]["_target_"] == "torch.optim.lr_scheduler.ExponentialLR"
+    assert not [t for t in json.dumps(train["preprocessing"]).split('"') if t.startswith("Rand")], "no augmentation"
+    ck = load_checkpoint(trained_model)
+    assert ck["recipe"]["loss"] == "dice_bce"  # the session's model: not the paper's recipe
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())["busi_monai"]["train_json"]
+    assert meta["reproduces_these_weights"] is False and f"--preset {ck['preset']}" in meta["these_weights_were_trained_by"]
+    readme = (bundle / "docs" / "README.md").read_text()
+    assert "does not reproduce these weights" in readme and f"busi-monai train --preset {ck['preset']}" in readme
+
+    paper = {**ck, "preset": "paper", "recipe": get_recipe("paper").with_overrides(image_size=ck["recipe"]["image_size"], epochs=7).to_dict()}
+    out = export_bundle(paper, tmp_path / "paper_bundle")
+    assert json.loads((out / "configs" / "metadata.json").read_text())["busi_monai"]["train_json"]["reproduces_these_weights"] is True
+    assert "does not reproduce" not in (out / "docs" / "README.md").read_text()
+    assert json.loads((out / "configs" / "train.json").read_text())["epochs"] == 7
+
+
 def test_export_without_metrics_says_not_measured(trained_model, tmp_path):
     from busi_monai.bundle import export_bundle
 

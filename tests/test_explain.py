@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from busi_monai.cli import main
 from busi_monai.io import read_image, read_mask
-from busi_monai.training import load_datalist
+from busi_monai.datasets import load_datalist
 from busi_monai.transforms import processed_mask
 
 EIGHT = np.ones((3, 3))

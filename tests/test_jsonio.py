@@ -54,7 +54,8 @@ def test_training_with_a_normal_only_validation_slice_writes_finite_json(tmp_pat
     the selection score, and its history, summary and checkpoint metadata hold no NaN."""
     from busi_monai.checkpoint import load_checkpoint
     from busi_monai.presets import get_recipe
-    from busi_monai.training import CachedData, fit
+    from busi_monai.datasets import CachedData
+    from busi_monai.training import fit
 
     g = torch.Generator().manual_seed(0)
     images = torch.rand(6, 1, 32, 32, generator=g)

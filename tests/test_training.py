@@ -11,7 +11,8 @@ from busi_monai.checkpoint import load_checkpoint
 from busi_monai.evaluation import evaluate
 from busi_monai.io import read_image, read_mask
 from busi_monai.metrics import image_metrics, summarize
-from busi_monai.training import load_datalist, train_dataset
+from busi_monai.datasets import load_datalist
+from busi_monai.training import train_dataset
 
 from conftest import TEST_OVERRIDES, TEST_PRESET
 
@@ -69,7 +70,8 @@ def test_training_without_labels_says_why(tmp_path):
 
 
 def _sample_data(prepared_sample, size=32):
-    from busi_monai.training import cache_items, split_validation
+    from busi_monai.datasets import cache_items
+    from busi_monai.training import split_validation
 
     tr, va = split_validation(load_datalist(prepared_sample)["training"], 0.2, 0)
     return cache_items(tr, size, progress=False), cache_items(va, size, progress=False)
@@ -106,7 +108,7 @@ def test_recipe_confidence_gate_reaches_the_saved_network(prepared_sample, tmp_p
 
 def test_pack_round_trip_is_lossless(prepared_sample, tmp_path):
     from busi_monai.io import read_image, read_mask
-    from busi_monai.training import cache_items, load_pack, load_pack_originals, save_pack
+    from busi_monai.datasets import cache_items, load_pack, load_pack_originals, save_pack
 
     items = load_datalist(prepared_sample)["test"]
     data = cache_items(items, 64, progress=False)
@@ -154,3 +156,20 @@ def test_both_numeric_paths_train_on_any_cpu(prepared_sample, tmp_path, amp):
     ck = load_checkpoint(tmp_path / "model.pt")
     assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
     assert all(v.dtype != torch.bfloat16 for v in ck["state_dict"].values()), "weights are kept in fp32"
+
+
+def test_losses_and_schedules_are_chosen_by_name_from_one_registry():
+    from busi_monai.presets import get_recipe
+    from busi_monai.training import LOSSES, SCHEDULES, make_loss, make_scheduler
+
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for name in LOSSES:
+        assert isinstance(make_loss(get_recipe("paper").with_overrides(loss=name), False), torch.nn.Module)
+    for name in SCHEDULES:
+        assert make_scheduler(get_recipe("paper").with_overrides(lr_schedule=name), opt, 10).optimizer is opt
+    with pytest.raises(ValueError, match="choose one of bce, dice_bce"):
+        make_loss(get_recipe("paper").with_overrides(loss="focal"), False)
+    with pytest.raises(ValueError, match="exponential, cosine"):
+        make_scheduler(get_recipe("paper").with_overrides(lr_schedule="step"), opt, 10)
+    assert {r.loss for r in map(get_recipe, ("paper", "fast", "best", "warmup"))} <= set(LOSSES)

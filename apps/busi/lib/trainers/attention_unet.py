@@ -165,7 +165,8 @@ class AttentionUNetTrain(TrainTask):
         return None
 
     def _train(self, request, datastore: Datastore):
-        from busi_monai.training import TrainingError, cache_items, fit, split_validation
+        from busi_monai.datasets import cache_items
+        from busi_monai.training import TrainingError, fit, split_validation
 
         from busi_monai.serve import MODEL_FILENAME, publish_model
 
