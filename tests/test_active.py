@@ -180,6 +180,28 @@ class _FakeDatastore:
         return self.infos[image_id]
 
 
+class _FileDatastore(_FakeDatastore):
+    """The fake datastore over image files, with the calls the scoring task makes."""
+
+    def __init__(self, paths: dict, labelled: set[str]):
+        super().__init__({k: {} for k in paths}, labelled)
+        self.paths = paths
+
+    def get_labeled_images(self, label_tag=None, labels=None):
+        return sorted(self.labelled)
+
+    def get_image_uri(self, image_id):
+        return str(self.paths[image_id])
+
+    def update_image_info(self, image_id, info):
+        self.infos[image_id].update(info)
+
+
+def _served(predictor, version: str):
+    """What the scoring task asks of the app's served model: ``get()`` -> (predictor, version)."""
+    return types.SimpleNamespace(get=lambda: (predictor, types.SimpleNamespace(version=version)))
+
+
 def _import_app_lib(monkeypatch):
     import sys
 
@@ -262,22 +284,8 @@ def test_app_scoring_embeds_labelled_images_for_typiclust(monkeypatch, tmp_path)
     for name in ("lab", "unl1", "unl2"):
         paths[name] = write_array(np.random.default_rng(len(name)).random((40, 48)).astype(np.float32), tmp_path / f"{name}.nii.gz", like=Image2D(np.zeros((40, 48), np.float32)))
 
-    class Datastore(_FakeDatastore):
-        def get_labeled_images(self, label_tag=None, labels=None):
-            return sorted(self.labelled)
-
-        def get_image_uri(self, image_id):
-            return str(paths[image_id])
-
-        def update_image_info(self, image_id, info):
-            self.infos[image_id].update(info)
-
-    class Served:
-        def get(self):
-            return predictor, types.SimpleNamespace(version="w1")
-
-    ds = Datastore({k: {} for k in paths}, labelled={"lab"})
-    scoring = MCDropoutScoring(Served(), types.SimpleNamespace(mc_passes=3, score_labeled=False))
+    ds = _FileDatastore(paths, labelled={"lab"})
+    scoring = MCDropoutScoring(_served(predictor, "w1"), types.SimpleNamespace(mc_passes=3, score_labeled=False))
     assert scoring.work_left(ds, "w1", 3)
     result = scoring({}, ds)
     assert set(result) == {"unl1", "unl2"}  # MC-dropout scores for the unlabelled only
@@ -356,22 +364,8 @@ def test_app_scoring_of_a_diverged_model_stores_no_nan_and_next_sample_still_ans
     predictor = Predictor(make_checkpoint(net, get_recipe("fast").with_overrides(image_size=32), "fast"), device="cpu", tta=False)
     paths = {n: write_array(np.full((40, 48), i, np.float32), tmp_path / f"{n}.nii.gz", like=Image2D(np.zeros((40, 48), np.float32))) for i, n in enumerate(("u1", "u2"))}
 
-    class Datastore(_FakeDatastore):
-        def get_labeled_images(self, label_tag=None, labels=None):
-            return []
-
-        def get_image_uri(self, image_id):
-            return str(paths[image_id])
-
-        def update_image_info(self, image_id, info):
-            self.infos[image_id].update(info)
-
-    class Served:
-        def get(self):
-            return predictor, types.SimpleNamespace(version="nan")
-
-    ds = Datastore({k: {} for k in paths}, labelled=set())
-    MCDropoutScoring(Served(), types.SimpleNamespace(mc_passes=2, score_labeled=False))({}, ds)
+    ds = _FileDatastore(paths, labelled=set())
+    MCDropoutScoring(_served(predictor, "nan"), types.SimpleNamespace(mc_passes=2, score_labeled=False))({}, ds)
     assert all(ds.infos[k]["mc_dropout_score"] is None for k in paths)
     loads_strict(dumps(ds.infos))
     for strategy in (MCDropoutStrategy(), MCDropoutDiverseStrategy(), TypiClustStrategy()):
