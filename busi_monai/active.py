@@ -59,9 +59,8 @@ STRATEGIES = ("random", "entropy", "bald", "tta", "bald_diverse", "typiclust")
 ORACLE = "oracle"
 ORACLE_LESIONS = "oracle_lesions"
 SIMULATION_STRATEGIES = STRATEGIES + (ORACLE, ORACLE_LESIONS)
-# Best of random / bald_diverse / typiclust on 12 paired seeds (benchmarks/active/run4-12seeds):
-# fewest labels to 95% of the all-labels Dice (204 vs 242 vs 242), though within the seeds'
-# spread; like bald_diverse it rarely picks near-duplicates, and it needs no dropout passes.
+# The app's default: best of random / bald_diverse / typiclust on paired seeds, if within their
+# spread (README, active learning); it rarely picks near-duplicates and needs no dropout passes.
 DEFAULT_STRATEGY = "typiclust"
 DIVERSITY_POOL = 3  # bald_diverse draws its K picks from the 3K most uncertain images
 TARGET_FRACTION = 0.95

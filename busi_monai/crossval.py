@@ -73,8 +73,8 @@ def cross_validate(
     """Train and score each fold, then summarise every ``fold*/fold.json`` found in ``out``.
 
     ``jobs`` > 1 trains that many folds at once, each in its own process with its share of the
-    cores: on the 2-core CPU two one-thread processes did 1.5x the epochs of one two-thread
-    process. On a GPU keep 1: fifteen processes time-sharing one H100 ran each ~15x slower.
+    cores (on a 2-core CPU two one-thread processes beat one two-thread process). On a GPU keep
+    1: processes time-sharing one GPU each run that much slower.
     """
     explicit = {k: v for k, v in (("epochs", epochs), ("image_size", image_size)) if v is not None}
     recipe = get_recipe(preset).with_overrides(**{**(overrides or {}), **explicit})

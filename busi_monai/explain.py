@@ -16,23 +16,9 @@ mask and a Grad-CAM heatmap. Here:
 * ``busi-monai explain`` -- one PNG figure per image (image, truth, raw mask, processed mask,
   Grad-CAM overlay, finest attention map, Dice in the title) plus the heatmap as NIfTI.
 
-The ``report`` subcommand lives in :mod:`busi_monai.report` and is registered from here.
-
 Default layer: ``decoders.0``, the first decoder stage (1/8 resolution, 32x32 at 256 px), where
-the bridge's context meets the deepest attention-gated skip. Compared on 30 real BUSI lesion
-test images (a fast-preset model, 96 px) and the synthetic test set:
-
-* ``decoders.3`` (last decoder) is a copy of the prediction: the head is a 1x1 convolution,
-  so the channel weights are the head's and the map is ``ReLU(logit - bias)`` -- 99% of its
-  energy lies inside the predicted mask, and it was all zero on 3/30 BUSI images.
-* ``bridge`` (1/16) is coarse and peaks beside the lesion as often as on it (mean
-  inside/outside ratio 2.2 on BUSI), and Grad-CAM's ReLU left it all zero on 3/7 synthetic
-  images (the channel-weighted sum is negative everywhere).
-* ``decoders.0`` was never all zero, puts more of its weight on the true lesion (inside/
-  outside 2.9 on BUSI; higher inside on synthetic data) and still differs from the mask
-  (correlation with the probability 0.35), so it shows context the mask does not.
-* ``decoders.1`` localises a little more (4.3 on BUSI) but shows transposed-convolution
-  checkerboards and was not better than chance on the synthetic set.
+the bridge's context meets the deepest attention-gated skip; why this layer (a comparison of
+layers on real BUSI and synthetic images): README, Grad-CAM.
 
 Any module name of the network works (``decoders.3``, ``encoders.2``,
 ``gates.3`` ...); :func:`layer_names` lists the useful ones. Grad-CAM uses the first

@@ -14,6 +14,7 @@ parameters for no stated reason.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -146,7 +147,24 @@ def network_config(spec: str) -> NetworkConfig:
     return cfg
 
 
-def build_network(preset: str | NetworkConfig | dict = "paper") -> PaperAttentionUNet:
+@runtime_checkable
+class SegmentationNetwork(Protocol):
+    """What the rest of busi-monai needs of a network, so that another architecture can be added
+    without reading every caller: called on (N, 1, S, S) images in [0, 1] it returns (N, 1, S, S)
+    lesion logits (an image under the config's confidence gate gets an empty mask)."""
+
+    config: NetworkConfig  # stored in every checkpoint; rebuilt by build_network(config)
+    bridge: nn.Module  # the deepest features: active learning's embeddings hook here
+    gates: nn.ModuleList  # attention gates, coarse to fine: explain's attention maps hook here
+
+    def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Training's forward: the logits before the gate, and the deep-supervision logits."""
+        ...
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def build_network(preset: str | NetworkConfig | dict = "paper") -> SegmentationNetwork:
     """A named network (``paper``, ``fast``, ``half``, with options as :func:`network_config`
     reads them) or an explicit config."""
     if isinstance(preset, NetworkConfig):

@@ -50,15 +50,13 @@ class Recipe:
 PRESETS: dict[str, Recipe] = {
     # Exactly the paper: BCE, Adam 1e-3 with decay, batch 4, 50 epochs, 256x256, no augmentation.
     "paper": Recipe(network="paper"),
-    # The paper's recipe on the reduced-width network, for CPU work and tests.
     # The CPU preset: the paper's recipe at a quarter of the width and 128 px, so that its 50
-    # epochs on BUSI fit in a labelling session on two cores (256 px would take ~4x longer).
+    # epochs on BUSI fit in a labelling session on two cores (timings: BENCHMARKS.md).
     "fast": Recipe(network="fast", image_size=128),
-    # What measured best on BUSI (README, Results): the fast network at 128 px with an overlap loss,
-    # ultrasound augmentation and a cosine schedule (5-fold held-out Dice 0.58 vs the paper
-    # recipe's 0.36), and a confidence gate that leaves unsure images empty (held-out normal
-    # false positives 26% -> 7%; `busi-monai cv` re-chooses it on its held-out folds). The
-    # full-width network with deep supervision at 256 px scored lower (0.626 on the test split).
+    # What measured best on BUSI's held-out folds (README, Results, with each ingredient's
+    # ablation): the fast network at 128 px with an overlap loss, ultrasound augmentation and a
+    # cosine schedule, and a confidence gate that leaves unsure images empty (`busi-monai cv`
+    # re-chooses it on its held-out folds).
     "best": Recipe(
         network="fast",
         image_size=128,

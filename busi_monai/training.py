@@ -150,8 +150,8 @@ def quick_scores(prob: torch.Tensor, labels: torch.Tensor, threshold: float = 0.
 
 def mixed_precision(dev: torch.device) -> bool:
     """Train in bf16 autocast where the hardware does bf16 natively: CUDA GPUs that support it,
-    and CPUs with AVX-512 BF16 or AMX (oneDNN), where bf16 with channels-last trained the fast
-    preset ~1.4x faster per core than fp32 (BENCHMARKS.md). ``BUSI_MONAI_AMP=0`` turns it off."""
+    and CPUs with AVX-512 BF16 or AMX (oneDNN), where bf16 with channels-last is faster per core
+    than fp32 (BENCHMARKS.md). ``BUSI_MONAI_AMP=0`` turns it off; ``fit(amp=...)`` decides per run."""
     if os.environ.get("BUSI_MONAI_AMP", "").lower() in ("0", "false", "off", "no"):
         return False
     if dev.type == "cuda":

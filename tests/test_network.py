@@ -1,5 +1,6 @@
 """The paper's architecture, checked on the built module rather than on a config."""
 
+import pytest
 import torch
 from monai.networks.blocks import Convolution
 from monai.networks.nets.attentionunet import AttentionBlock
@@ -99,3 +100,16 @@ def test_confidence_gate_empties_unsure_images_at_inference_only():
     net.config = replace(net.config, confidence_gate=0.0)
     torch.manual_seed(1)
     assert torch.equal(a, net(x)), "training must see every logit"
+
+
+@pytest.mark.parametrize("name", ["paper", "fast", "half", "fast+ds"])
+def test_every_network_satisfies_the_written_protocol(name):
+    """Training, explanation, active learning and the gate rely on SegmentationNetwork only."""
+    from busi_monai.networks import SegmentationNetwork, build_network
+
+    net = build_network(name).eval()
+    assert isinstance(net, SegmentationNetwork)
+    x = torch.rand(2, 1, 32, 32)
+    seg, aux = net.forward_parts(x)
+    assert seg.shape == net(x).shape == (2, 1, 32, 32) and aux == []
+    assert len(net.gates) == 4 and net.config == build_network(net.config.to_dict()).config
