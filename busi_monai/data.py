@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .io import BusiInputError, Image2D, atomic_path, read_image, read_mask, write_array
+from .io import BusiInputError, Image2D, atomic_path, read_image, read_mask, read_masks_union, write_array
 from .jsonio import write_json
 
 CLASSES = ("benign", "malignant", "normal")
@@ -125,10 +125,7 @@ def scan_busi(root: str | Path, check_readable: bool = True) -> tuple[list[Case]
 def load_case(case: Case) -> tuple[Image2D, np.ndarray]:
     """The image and the union of its masks as uint8 {0, 1}."""
     img = read_image(case.image)
-    label = np.zeros(img.shape, dtype=np.uint8)
-    for mp in case.masks:
-        label |= read_mask(mp, expected_shape=img.shape)
-    return img, label
+    return img, read_masks_union(case.masks, img.shape)
 
 
 # --------------------------------------------------------------------------------------

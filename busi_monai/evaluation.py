@@ -13,20 +13,14 @@ from tqdm.auto import tqdm
 
 from .inference import Predictor
 from .datasets import source_kind, split_items
-from .io import read_image, read_mask
+from .io import read_image, read_masks_union
 from .jsonio import write_json
 from .metrics import image_metrics, summarize
 
 
 def truth_mask(item: dict, shape) -> "object":
     """The lesion mask of an evaluation item: the union of its mask files."""
-    import numpy as np
-
-    labels = item["label"] if isinstance(item["label"], list) else [item["label"]]
-    m = np.zeros(shape, dtype=np.uint8)
-    for lab in labels:
-        m |= read_mask(lab, expected_shape=shape)
-    return m
+    return read_masks_union(item["label"], shape)
 
 
 def evaluate(model, data: str | Path, out: str | Path | None = None, split: str = "test", device: str = "auto", progress: bool = True, predictor: Predictor | None = None) -> dict:

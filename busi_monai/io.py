@@ -272,6 +272,20 @@ def read_mask(
     return (arr > 0).astype(np.uint8)
 
 
+def read_masks_union(paths, expected_shape: tuple[int, int] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The lesion mask of an image with one or several mask files (BUSI's ``_mask``,
+    ``_mask_1``, ...): their union, uint8 {0, 1}, each checked against ``expected_shape`` (or the
+    first file's). No file at all is an empty (normal) mask of ``expected_shape``."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    out = None if expected_shape is None else np.zeros(expected_shape, dtype=np.uint8)
+    for p in paths:
+        m = read_mask(p, expected_shape=None if out is None else out.shape, max_pixels=max_pixels)
+        out = m if out is None else out | m
+    if out is None:
+        raise BusiInputError("no mask file, and no image shape to make an empty mask of")
+    return out
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary name beside ``path`` (same extension, same file system); when the

@@ -24,7 +24,7 @@ from monai.transforms import (
     ScaleIntensityd,
 )
 
-from .io import read_image, read_mask
+from .io import read_image, read_masks_union
 
 IMAGE_RESIZE_MODE = "bilinear"
 LABEL_RESIZE_MODE = "nearest"
@@ -45,8 +45,7 @@ class LoadBusiImaged(MapTransform):
         shape = None
         for key in self.key_iterator(d):
             if key == "label":
-                paths = d[key] if isinstance(d[key], (list, tuple)) else [d[key]]
-                arr = np.maximum.reduce([read_mask(p, expected_shape=shape) for p in paths]).astype(np.float32)
+                arr = read_masks_union(d[key], shape).astype(np.float32)
             else:
                 arr = read_image(d[key]).array
                 shape = arr.shape
