@@ -130,6 +130,10 @@ def test_train_on_few_labels_leaves_info_answering_with_finite_figures(served, v
     loads_strict((run / "summary.json").read_text())
     assert requests.get(f"{srv.url}/model/{MODEL}", timeout=30).status_code == 200
     assert requests.post(f"{srv.url}/activelearning/random", json={}, timeout=30).status_code == 200
+    if val_split is not None:  # the exact request: and after a restart, as make serve restarts
+        srv.stop()
+        srv.start()
+        assert info(srv)["train_stats"][MODEL] == stats
 
 
 def test_info_answers_whatever_the_stats_file_holds(sample_dir, trained_model, tmp_path):
