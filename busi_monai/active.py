@@ -51,14 +51,11 @@ from .jsonio import dumps, write_json
 
 log = logging.getLogger(__name__)
 
-# The strategies of the app and of al-simulate (selected by name from SELECTORS, below).
-STRATEGIES = ("random", "entropy", "bald", "tta", "bald_diverse", "typiclust")
 # Read the unlabelled images' masks: yardsticks in al-simulate, never a choice in the app.
 # ``oracle``: the worst images by the selection score; ``oracle_lesions``: the worst lesion
 # images by Dice, normal images never asked for.
 ORACLE = "oracle"
 ORACLE_LESIONS = "oracle_lesions"
-SIMULATION_STRATEGIES = STRATEGIES + (ORACLE, ORACLE_LESIONS)
 # The app's default: best of random / bald_diverse / typiclust on paired seeds, if within their
 # spread (README, active learning); it rarely picks near-duplicates and needs no dropout passes.
 DEFAULT_STRATEGY = "typiclust"
@@ -313,9 +310,12 @@ class Pool:
         return uncertainty_scores(mc_dropout_probabilities(self.predictor, self.images, self.mc_passes))
 
 
-def _ranked(pool: Pool, scores: torch.Tensor) -> Selection:
-    idx = top_k(scores, pool.k)
+def _scored(idx: list[int], scores: torch.Tensor) -> Selection:
     return Selection(idx, [float(scores[i]) for i in idx])
+
+
+def _ranked(pool: Pool, scores: torch.Tensor) -> Selection:
+    return _scored(top_k(scores, pool.k), scores)
 
 
 def _oracle(lesions_only: bool):
@@ -335,8 +335,7 @@ def _oracle(lesions_only: bool):
 def _diverse(pool: Pool) -> Selection:
     scores = pool.mc_dropout_scores()["bald"]
     pool_features, labelled_features = pool.features()
-    idx = diverse_top_k(scores, pool_features, pool.k, labelled_features)
-    return Selection(idx, [float(scores[i]) for i in idx])
+    return _scored(diverse_top_k(scores, pool_features, pool.k, labelled_features), scores)
 
 
 def _typical(pool: Pool) -> Selection:
@@ -356,6 +355,8 @@ SELECTORS: dict[str, Callable[[Pool], Selection]] = {
     ORACLE: _oracle(lesions_only=False),
     ORACLE_LESIONS: _oracle(lesions_only=True),
 }
+SIMULATION_STRATEGIES = tuple(SELECTORS)
+STRATEGIES = tuple(k for k in SELECTORS if k not in (ORACLE, ORACLE_LESIONS))  # what an app may offer
 
 
 def select(

@@ -26,7 +26,7 @@ from .training import (
     predict_cached,
     quick_scores,
     resolve_device,
-    split_validation,
+    split_cached,
 )
 
 
@@ -102,9 +102,7 @@ def _train_folds(data, out: Path, preset, folds, recipe, device, seed, wanted, c
         held = fold_idx[f]
         held_set = set(held)
         rest = [i for i in range(len(cached)) if i not in held_set]
-        tr, va = split_validation([dict(cached.items[i], _row=i) for i in rest], recipe.val_fraction, seed + f)
-        train = cached.subset([it["_row"] for it in tr])
-        val = cached.subset([it["_row"] for it in va])
+        train, val = split_cached(cached.subset(rest), recipe.val_fraction, seed + f)
         summary = fit(train, val, out / f"fold{f}", preset, recipe, device, progress=progress, seed=seed + f, compile_model=compile_model)
         # Score the fold's best model on its held-out fold at network resolution.
         model = model_from_checkpoint(load_checkpoint(out / f"fold{f}" / "model.pt"), dev)

@@ -47,27 +47,40 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def split_validation(items: list[dict], fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def validation_rows(items: list[dict], fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
     """Hold out ``fraction`` of the items for model selection, by
     :func:`busi_monai.data.grouped_stratified_split` (the splitter of the test split): whole
     near-duplicate groups (``group``) on one side, stratified by ``class`` with a mixed
     group's class decided by :func:`busi_monai.data.group_class`. At least one item is held
-    out, and at least one is kept for training."""
+    out, and at least one is kept for training. Returns the (training, validation) indices."""
     from .data import grouped_stratified_split
 
+    everything = list(range(len(items)))
     if fraction <= 0 or len(items) < 2:
-        return list(items), []
+        return everything, []
     by_group: dict = {}
     for i, it in enumerate(items):
         by_group.setdefault(it.get("group", f"i{i}"), []).append(i)
     groups = list(by_group.values())
-    train_idx, val_idx = grouped_stratified_split([it.get("class", "?") for it in items], groups, min(fraction, 0.9), seed)
+    _, val_idx = grouped_stratified_split([it.get("class", "?") for it in items], groups, min(fraction, 0.9), seed)
     if not val_idx:  # too few items for the fraction: hold out the smallest group
         val_idx = min(groups, key=len)
     if len(val_idx) == len(items):  # one group holds everything: no validation is possible
-        return list(items), []
+        return everything, []
     held = set(val_idx)
-    return [it for i, it in enumerate(items) if i not in held], [it for i, it in enumerate(items) if i in held]
+    return [i for i in everything if i not in held], [i for i in everything if i in held]
+
+
+def split_validation(items: list[dict], fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """:func:`validation_rows` as the (training, validation) items themselves."""
+    train_idx, val_idx = validation_rows(items, fraction, seed)
+    return [items[i] for i in train_idx], [items[i] for i in val_idx]
+
+
+def split_cached(data: CachedData, fraction: float, seed: int = 0) -> tuple[CachedData, CachedData]:
+    """:func:`validation_rows` on images already decoded: the (training, validation) subsets."""
+    train_idx, val_idx = validation_rows(data.items, fraction, seed)
+    return data.subset(train_idx), data.subset(val_idx)
 
 
 def split_record(train: list[dict], val: list[dict]) -> dict:
@@ -378,8 +391,5 @@ def train_dataset(
     """
     named = {"epochs": epochs, "batch_size": batch_size, "image_size": image_size, "learning_rate": learning_rate}
     recipe = get_recipe(preset).with_overrides(**{**(overrides or {}), **{k: v for k, v in named.items() if v is not None}})
-    data = load_split(data, "training", recipe.image_size, progress)
-    rows = [dict(it, _row=i) for i, it in enumerate(data.items)]
-    tr_items, va_items = split_validation(rows, recipe.val_fraction, seed)
-    train, val = (data.subset([it["_row"] for it in its]) for its in (tr_items, va_items))
+    train, val = split_cached(load_split(data, "training", recipe.image_size, progress), recipe.val_fraction, seed)
     return fit(train, val, out, preset, recipe, device, resume, progress=progress, seed=seed, compile_model=compile_model)
