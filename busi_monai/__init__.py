@@ -4,8 +4,8 @@ __version__ = "0.1.0"
 
 
 def build_network(preset="paper"):
-    """The Attention U-Net by name (``paper``, ``fast``, ``half``, ``paper+ds``); see :mod:`busi_monai.networks`."""
-    from .networks import build_network as _build
+    """The Attention U-Net by name (``paper``, ``fast``, ``half``, ``paper+ds``); see :mod:`busi_monai.model.networks`."""
+    from busi_monai.model.networks import build_network as _build
 
     return _build(preset)
 

@@ -21,11 +21,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .jsonio import dumps, write_json
-from .networks import build_network
-from .presets import get_recipe
-from .datasets import CachedData, cache_items, load_pack, split_items
-from .training import compile_network, mixed_precision, resolve_device
+from busi_monai.data.datasets import split_items
+from busi_monai.data.packs import CachedData, cache_items, load_pack
+from busi_monai.device import mixed_precision, resolve_device
+from busi_monai.jsonio import dumps, write_json
+from busi_monai.model.networks import build_network
+from busi_monai.training.loop import compile_network
+from busi_monai.training.recipes import get_recipe
 
 PAPER_IMAGES = 624
 PAPER_EPOCHS = 50
@@ -102,7 +104,7 @@ def _plain_pipeline_rate(model, items, image_size, dev, n) -> tuple[float, float
     """
     from monai.transforms import Compose
 
-    from .transforms import LoadBusiImaged, preprocess_transforms
+    from busi_monai.data.preprocessing import LoadBusiImaged, preprocess_transforms
 
     tf = Compose([LoadBusiImaged(("image",)), preprocess_transforms(image_size, keys=("image",))])
     model.eval()
@@ -133,9 +135,8 @@ def _server_round_trip(model_path: str, image_items: list[dict], reps: int = 5, 
     import shutil
     import tempfile
 
-    from .io import read_image, write_array
-
-    from .serve import APP_DIR
+    from busi_monai.data.io import read_image, write_array
+    from busi_monai.serve import APP_DIR
 
     work = Path(tempfile.mkdtemp(prefix="busi-bench-"))
     # A copy of the app: monailabel writes model/, logs/ and bin/ into the app it serves.
@@ -204,7 +205,7 @@ def _end_to_end(preset: str, data: CachedData, size: int, device: str, compile_m
     schedule) on 624 images, compilation, checkpoints and all, timed by the wall clock."""
     import tempfile
 
-    from .training import fit
+    from busi_monai.training.loop import fit
 
     reps = (PAPER_IMAGES + len(data) - 1) // len(data)
     images = _at_size(data.images, size).repeat(reps, 1, 1, 1)[:PAPER_IMAGES]
@@ -312,7 +313,7 @@ def run_benchmark(
     if server and items is not None:
         import tempfile
 
-        from .checkpoint import atomic_torch_save, make_checkpoint
+        from busi_monai.model.checkpoint import atomic_torch_save, make_checkpoint
 
         with tempfile.TemporaryDirectory() as d:
             ck = Path(d) / "paper.pt"

@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .jsonio import dumps
-from .presets import PRESETS, Recipe
+from busi_monai.jsonio import dumps
+from busi_monai.training.recipes import PRESETS, Recipe
 
 
 def _print_json(obj) -> None:
@@ -16,7 +16,7 @@ def _print_json(obj) -> None:
 
 
 def cmd_prepare(a):
-    from .data import prepare
+    from busi_monai.data.prepare import prepare
 
     summary = prepare(a.busi_root, a.out, test_fraction=a.test_fraction, seed=a.seed)
     _print_json({k: v for k, v in summary.items() if k != "problems"})
@@ -25,20 +25,21 @@ def cmd_prepare(a):
 
 
 def cmd_synth(a):
-    from .synth import synthesize
+    from busi_monai.data.synth import synthesize
 
     _print_json(synthesize(a.out, a.count, seed=a.seed))
 
 
 def cmd_studies(a):
-    from .data import make_studies
+    from busi_monai.data.studies import make_studies
 
     _print_json(make_studies(a.busi_root, a.out, with_labels=a.with_labels))
 
 
 def cmd_pack(a):
-    from .io import read_image, read_mask
-    from .datasets import cache_items, load_datalist, save_pack
+    from busi_monai.data.datasets import load_datalist
+    from busi_monai.data.io import read_image, read_mask
+    from busi_monai.data.packs import cache_items, save_pack
 
     lists = load_datalist(a.data)
     items = [dict(it, split=s) for s in ("training", "test") for it in lists[s]]
@@ -52,7 +53,7 @@ def cmd_pack(a):
 
 
 def cmd_train(a):
-    from .training import train_dataset
+    from busi_monai.training.loop import train_dataset
 
     summary = train_dataset(
         a.data, a.out, preset=a.preset, epochs=a.epochs, batch_size=a.batch_size, image_size=a.image_size,
@@ -63,9 +64,8 @@ def cmd_train(a):
 
 
 def cmd_evaluate(a):
-    from .evaluation import evaluate
-
-    from .inference import Predictor
+    from busi_monai.evaluation.evaluate import evaluate
+    from busi_monai.inference.predictor import Predictor
 
     tta = {"auto": None, "on": True, "off": False}[a.tta]
     predictor = Predictor(a.model, device=a.device, tta=tta, confidence_gate=a.confidence_gate)
@@ -74,8 +74,8 @@ def cmd_evaluate(a):
 
 
 def cmd_infer(a):
-    from .inference import Predictor
-    from .io import read_image, write_array, write_mask
+    from busi_monai.data.io import read_image, write_array, write_mask
+    from busi_monai.inference.predictor import Predictor
 
     pred = Predictor(a.model, device=a.device, confidence_gate=a.confidence_gate)
     out = Path(a.out)
@@ -94,7 +94,7 @@ def cmd_infer(a):
 
 
 def _same_format(path: str) -> str:
-    from .io import suffix_of
+    from busi_monai.data.io import suffix_of
 
     ext = suffix_of(path)
     return ext if ext in (".png", ".nii.gz", ".nii", ".nrrd", ".mha") else ".nii.gz"
@@ -176,7 +176,7 @@ def _register_optional(sub) -> None:
     """Subcommands that live in their own modules (explain, report, bundle, benchmark, cv, ...)."""
     import importlib
 
-    for mod in ("explain", "report", "bundle", "benchmark", "crossval", "active"):
+    for mod in ("explain.explanation", "evaluation.report", "bundle.export", "benchmark", "training.crossval", "active.simulation"):
         try:
             m = importlib.import_module(f"busi_monai.{mod}")
         except ModuleNotFoundError as e:
@@ -189,9 +189,9 @@ def _register_optional(sub) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from .checkpoint import CheckpointError
-    from .io import BusiInputError
-    from .training import TrainingError
+    from busi_monai.data.io import BusiInputError
+    from busi_monai.model.checkpoint import CheckpointError
+    from busi_monai.training.loop import TrainingError
 
     try:
         args.func(args)

@@ -63,7 +63,7 @@ def loads_strict(text: str) -> Any:
 
 def write_json(obj: Any, path: str | Path) -> None:
     """Write ``obj`` as strict JSON, atomically (readers see the old file or the new one)."""
-    from .io import atomic_path
+    from busi_monai.data.io import atomic_path
 
     text = dumps(obj, what=str(path))
     with atomic_path(path) as tmp, open(tmp, "w") as f:

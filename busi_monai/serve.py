@@ -4,7 +4,7 @@
         [--busi-root sample-data] [--preset fast] [--conf key value ...]
 
 1. If the studies folder does not exist, it is built from ``--busi-root`` (default: the
-   synthetic ``sample-data/``) with :func:`busi_monai.data.make_studies`, with final labels for
+   synthetic ``sample-data/``) with :func:`busi_monai.data.studies.build_studies`, with final labels for
    part of the images (``--label-fraction``, so Train works at once) and the rest unlabelled
    (for Next Sample / active learning).
 2. If the app has no trained weights yet, a small model is trained on the labelled images
@@ -14,8 +14,8 @@
    replaces this process. It binds 127.0.0.1 unless told otherwise: see apps/busi/README.md
    before exposing it on a network.
 
-The small helpers the app shares (model file name, atomic publishing, datastore
-extensions) live here too, so this module imports nothing heavy at the top.
+The helpers the app shares (model file name, atomic publishing) live here too, so this module
+imports nothing heavy at the top.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from .io import atomic_path
+from busi_monai.data.io import atomic_path
+from busi_monai.data.studies import build_studies, labelled_items
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "apps" / "busi"
@@ -35,12 +36,6 @@ SAMPLE_DATA = REPO / "sample-data"
 
 MODEL_FILENAME = "attention_unet.pt"
 STATS_FILENAME = "train_stats.json"
-# MONAI Label's default list lacks .jpeg and .seg.nrrd. Order matters: LocalDatastore takes the
-# last pattern a file name ends with as its extension, so ".seg.nrrd" must follow ".nrrd".
-DATASTORE_EXTENSIONS = [
-    "*.nii.gz", "*.nii", "*.nrrd", "*.seg.nrrd",
-    "*.png", "*.PNG", "*.jpg", "*.JPG", "*.jpeg", "*.JPEG", "*.bmp", "*.tif", "*.tiff",
-]  # fmt: skip
 
 WARMUP_MAX_IMAGES = 200
 
@@ -56,7 +51,7 @@ def publish_model(src: str | Path, model_dir: str | Path) -> str:
     served file (``os.replace``): infer reads either the old weights or the new, never half.
     The checkpoint is loaded first, so a broken file is never published.
     """
-    from .checkpoint import load_checkpoint
+    from busi_monai.model.checkpoint import load_checkpoint
 
     load_checkpoint(src)
     os.makedirs(model_dir, exist_ok=True)
@@ -66,39 +61,10 @@ def publish_model(src: str | Path, model_dir: str | Path) -> str:
     return dest
 
 
-def _keep(i: int, fraction: float) -> bool:
-    """Spread ``fraction`` of the indices evenly (i sorted by class, then number)."""
-    return int((i + 1) * fraction) > int(i * fraction)
 
 
-def build_studies(src: str | Path, studies: str | Path, label_fraction: float = 2 / 3) -> dict:
-    """A MONAI Label studies folder from a BUSI-layout folder, labels for ``label_fraction`` of it."""
-    from .data import make_studies
-
-    studies = Path(studies)
-    tmp = studies.parent / f".{studies.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    studies.parent.mkdir(parents=True, exist_ok=True)
-    summary = make_studies(src, tmp, with_labels=label_fraction > 0)
-    final = tmp / "labels" / "final"
-    labelled, unlabelled = [], []
-    if final.is_dir():
-        for i, p in enumerate(sorted(q for q in final.iterdir() if q.is_file() and not q.name.startswith("."))):
-            if _keep(i, label_fraction):
-                labelled.append(p.name)
-            else:
-                p.unlink()
-                unlabelled.append(p.name)
-    os.replace(tmp, studies)
-    return {"studies": str(studies), "source": str(src), "labelled": len(labelled), "unlabelled_by_design": len(unlabelled), "make_studies": summary}
 
 
-def labelled_items(studies: str | Path) -> list[dict]:
-    """(image, final label) pairs of a studies folder, as MONAI Label's datastore lists them."""
-    from monailabel.datastore.local import LocalDatastore
-
-    ds = LocalDatastore(str(studies), extensions=DATASTORE_EXTENSIONS, auto_reload=False)
-    return [dict(it, id=Path(it["image"]).name.split(".")[0]) for it in ds.datalist()]
 
 
 def warm_up(
@@ -113,9 +79,10 @@ def warm_up(
     """Train a first small model (the ``warmup`` recipe) on the studies' labelled images and publish it."""
     import random
 
-    from .presets import get_recipe
-    from .datasets import cache_items
-    from .training import TrainingError, fit, split_validation
+    from busi_monai.data.packs import cache_items
+    from busi_monai.data.splits import split_validation
+    from busi_monai.training.loop import TrainingError, fit
+    from busi_monai.training.recipes import get_recipe
 
     items = labelled_items(studies)
     if not items:
@@ -191,7 +158,7 @@ def main(argv=None) -> int:
 
     weights = Path(conf["model_dir"]) / MODEL_FILENAME
     if not weights.exists() and not conf.get("bundle") and not a.no_warmup:
-        from .training import TrainingError
+        from busi_monai.training.loop import TrainingError
 
         try:
             s = warm_up(studies, conf["model_dir"], image_size=a.warmup_size, epochs=a.warmup_epochs, device=a.device)

@@ -64,7 +64,7 @@ def sample_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_sample(sample_dir, tmp_path_factory) -> Path:
-    from busi_monai.data import prepare
+    from busi_monai.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("prepared-sample")
     prepare(sample_dir, out, test_fraction=0.25, seed=0, progress=False)
@@ -74,8 +74,8 @@ def prepared_sample(sample_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def training_set(tmp_path_factory) -> Path:
     """A prepared dataset of synthetic images made for the session (90 training, 30 test)."""
-    from busi_monai.data import prepare
-    from busi_monai.synth import synthesize
+    from busi_monai.data.prepare import prepare
+    from busi_monai.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("training-set")
     synthesize(root / "busi", TEST_SYNTH["count"], seed=TEST_SYNTH["seed"])
@@ -94,7 +94,7 @@ def trained_run(training_set, tmp_path_factory) -> Path:
     learned ask for lesion Dice > 0.4 and for some outline on a few lesion images. (Before,
     the fast preset at 96 px on sample-data's 30 images scored 0.26-0.36 in one thread.)
     """
-    from busi_monai.training import train_dataset
+    from busi_monai.training.loop import train_dataset
 
     out = tmp_path_factory.mktemp("run")
     train_dataset(training_set, out, preset=TEST_PRESET, device="cpu", progress=False, overrides=TEST_OVERRIDES)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from busi_monai.active import (
+from busi_monai.active.simulation import labels_to_reach
+from busi_monai.active.strategies import (
     DEFAULT_STRATEGY,
     ORACLE,
     ORACLE_LESIONS,
@@ -17,7 +18,6 @@ from busi_monai.active import (
     diverse_top_k,
     k_center_greedy,
     kmeans,
-    labels_to_reach,
     select,
     true_scores,
     typical_clusters,
@@ -58,10 +58,10 @@ def test_diversity_never_picks_two_copies_of_one_image():
 
 def _untrained_predictor(size: int = 32):
     """A fast-preset Predictor with seeded random weights."""
-    from busi_monai.checkpoint import make_checkpoint
-    from busi_monai.inference import Predictor
-    from busi_monai.networks import build_network
-    from busi_monai.presets import get_recipe
+    from busi_monai.inference.predictor import Predictor
+    from busi_monai.model.checkpoint import make_checkpoint
+    from busi_monai.model.networks import build_network
+    from busi_monai.training.recipes import get_recipe
 
     torch.manual_seed(0)
     recipe = get_recipe("fast").with_overrides(image_size=size)
@@ -213,7 +213,7 @@ def _import_app_lib(monkeypatch):
 
 
 def test_app_diverse_strategy_skips_a_near_duplicate_of_a_fresh_label(monkeypatch):
-    from busi_monai.active import DIVERSITY_POOL
+    from busi_monai.active.strategies import DIVERSITY_POOL
 
     _import_app_lib(monkeypatch)
     from lib.activelearning.mc_dropout import (
@@ -271,12 +271,13 @@ def test_app_typiclust_asks_for_the_typical_image_of_a_kind_nobody_labelled(monk
 def test_app_scoring_embeds_labelled_images_for_typiclust(monkeypatch, tmp_path):
     """Without score_labeled, labelled images get features (no score) under the current weights."""
     _import_app_lib(monkeypatch)
-    from busi_monai.checkpoint import make_checkpoint
-    from busi_monai.inference import Predictor
-    from busi_monai.io import Image2D, write_array
-    from busi_monai.networks import build_network
-    from busi_monai.presets import get_recipe
     from lib.scoring.mc_dropout import EMBEDDING_DIM, MCDropoutScoring
+
+    from busi_monai.data.io import Image2D, write_array
+    from busi_monai.inference.predictor import Predictor
+    from busi_monai.model.checkpoint import make_checkpoint
+    from busi_monai.model.networks import build_network
+    from busi_monai.training.recipes import get_recipe
 
     torch.manual_seed(0)
     predictor = Predictor(make_checkpoint(build_network("fast"), get_recipe("fast").with_overrides(image_size=32), "fast"), device="cpu", tta=False)
@@ -299,7 +300,7 @@ def test_app_scoring_embeds_labelled_images_for_typiclust(monkeypatch, tmp_path)
 
 
 def test_al_merge_combines_parts_run_in_separate_processes(tmp_path):
-    from busi_monai.active import merge_results
+    from busi_monai.active.simulation import merge_results
 
     def part(seed, strategies, with_full):
         runs = [
@@ -348,14 +349,19 @@ def test_app_scoring_of_a_diverged_model_stores_no_nan_and_next_sample_still_ans
     """Weights that diverged to NaN give NaN uncertainties: they are stored as null (the
     datastore index is served as JSON), and every strategy falls back to a random pick."""
     _import_app_lib(monkeypatch)
-    from busi_monai.checkpoint import make_checkpoint
-    from busi_monai.inference import Predictor
-    from busi_monai.io import Image2D, write_array
-    from busi_monai.jsonio import dumps, loads_strict
-    from busi_monai.networks import build_network
-    from busi_monai.presets import get_recipe
-    from lib.activelearning.mc_dropout import MCDropoutDiverseStrategy, MCDropoutStrategy, TypiClustStrategy
+    from lib.activelearning.mc_dropout import (
+        MCDropoutDiverseStrategy,
+        MCDropoutStrategy,
+        TypiClustStrategy,
+    )
     from lib.scoring.mc_dropout import MCDropoutScoring
+
+    from busi_monai.data.io import Image2D, write_array
+    from busi_monai.inference.predictor import Predictor
+    from busi_monai.jsonio import dumps, loads_strict
+    from busi_monai.model.checkpoint import make_checkpoint
+    from busi_monai.model.networks import build_network
+    from busi_monai.training.recipes import get_recipe
 
     net = build_network("fast")
     with torch.no_grad():
@@ -374,7 +380,12 @@ def test_app_scoring_of_a_diverged_model_stores_no_nan_and_next_sample_still_ans
 
 
 def test_every_strategy_is_one_registry_entry():
-    from busi_monai.active import SELECTORS, SIMULATION_STRATEGIES, STRATEGIES, select
+    from busi_monai.active.strategies import (
+        SELECTORS,
+        SIMULATION_STRATEGIES,
+        STRATEGIES,
+        select,
+    )
 
     assert list(SELECTORS) == list(SIMULATION_STRATEGIES) and set(STRATEGIES) < set(SELECTORS)
     with pytest.raises(ValueError, match="choose one of random, entropy"):

@@ -49,7 +49,8 @@ def _assert_same_geometry(result, image):
 @pytest.fixture(scope="module")
 def app(sample_dir, trained_model, tmp_path_factory):
     """(server, studies, model_dir) with the session's trained model published in the app."""
-    from busi_monai.serve import MODEL_FILENAME, build_studies, publish_model
+    from busi_monai.data.studies import build_studies
+    from busi_monai.serve import MODEL_FILENAME, publish_model
 
     root = tmp_path_factory.mktemp("busi-app")
     studies = root / "studies"
@@ -111,9 +112,9 @@ def test_gradcam_heatmap_overlays_the_image(app, client, trained_model):
     """The Grad-CAM infer model returns the heatmap on the image's geometry, as Slicer loads it,
     in the bands of the same heatmap `busi-monai explain` computes."""
     _, studies, _, _ = app
-    from busi_monai.explain import DEFAULT_LAYER, gradcam
-    from busi_monai.inference import Predictor
-    from busi_monai.io import read_image
+    from busi_monai.data.io import read_image
+    from busi_monai.explain.gradcam import DEFAULT_LAYER, gradcam
+    from busi_monai.inference.predictor import Predictor
 
     assert f"{MODEL}_gradcam" in client.info()["models"]
     image_id = sorted(k for k in _objects(client) if k.startswith("malignant"))[0]
@@ -131,8 +132,8 @@ def test_gradcam_heatmap_overlays_the_image(app, client, trained_model):
 
 def test_infer_png_in_the_datastore(app, client, trained_model):
     _, studies, _, png = app
-    from busi_monai.inference import Predictor
-    from busi_monai.io import read_image
+    from busi_monai.data.io import read_image
+    from busi_monai.inference.predictor import Predictor
 
     assert PNG_ID in _objects(client)
     image = studies / f"{PNG_ID}.png"
@@ -219,7 +220,7 @@ def restores_model(app, trained_model):
 
 def test_save_label_train_and_use_new_weights(app, client, tmp_path, restores_model):
     srv, studies, model_dir, _ = app
-    from busi_monai.io import read_image
+    from busi_monai.data.io import read_image
 
     objs = _objects(client)
     unlabelled = sorted(k for k, v in objs.items() if not v["labels"].get("final") and k != PNG_ID)

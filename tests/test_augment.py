@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from busi_monai.transforms import AUGMENTATIONS, BatchAugment, augmentation
+from busi_monai.training.augmentation import AUGMENTATIONS, BatchAugment, augmentation
 
 GEOMETRY_ONLY = dict(p_gamma=0.0, p_contrast=0.0, p_blur=0.0, p_noise=0.0)
 

@@ -71,7 +71,7 @@ def bundle(trained_model, metrics_file, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def image_dir(sample_dir, tmp_path_factory) -> Path:
     """A flat folder of PNGs (BUSI names with spaces and parentheses) plus one 2D NIfTI."""
-    from busi_monai.io import read_image, write_array
+    from busi_monai.data.io import read_image, write_array
 
     d = tmp_path_factory.mktemp("images")
     imgs = _images(sample_dir)
@@ -90,7 +90,7 @@ def _load_bundle_scripts(bundle: Path, name: str):
 
 
 def test_layout_metadata_and_docs(bundle, trained_model):
-    from busi_monai.checkpoint import load_checkpoint
+    from busi_monai.model.checkpoint import load_checkpoint
 
     for rel in (
         "LICENSE", "configs/metadata.json", "configs/inference.json", "configs/train.json", "configs/evaluate.json",
@@ -110,8 +110,8 @@ def test_layout_metadata_and_docs(bundle, trained_model):
     readme = (bundle / "docs" / "README.md").read_text()
     assert "| lesion_mean_dice | 0.5000 |" in readme and "{{" not in readme
     assert "Apache" in (bundle / "LICENSE").read_text() and "BUSI" in (bundle / "LICENSE").read_text()
-    # One definition of the network: the bundle's copy is busi_monai/networks.py verbatim.
-    assert (bundle / "scripts" / "networks.py").read_text().endswith((REPO / "busi_monai" / "networks.py").read_text())
+    # One definition of the network: the bundle's copy is busi_monai/model/networks.py verbatim.
+    assert (bundle / "scripts" / "networks.py").read_text().endswith((REPO / "busi_monai" / "model" / "networks.py").read_text())
     # model.pt is a plain state_dict.
     state = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert set(state) == {k for k in ck["state_dict"] if not k.startswith("aux_heads.")}
@@ -120,9 +120,9 @@ def test_layout_metadata_and_docs(bundle, trained_model):
 def test_bundle_says_whether_its_train_config_reproduces_its_weights(bundle, trained_model, tmp_path):
     """train.json is MONAI's SupervisedTrainer with the paper's recipe (it must run without
     busi-monai); weights trained otherwise are not reproduced by it, and the bundle says so."""
-    from busi_monai.bundle import export_bundle
-    from busi_monai.checkpoint import load_checkpoint
-    from busi_monai.presets import get_recipe
+    from busi_monai.bundle.export import export_bundle
+    from busi_monai.model.checkpoint import load_checkpoint
+    from busi_monai.training.recipes import get_recipe
 
     train = json.loads((bundle / "configs" / "train.json").read_text())
     assert train["loss"]["_target_"] == "torch.nn.BCEWithLogitsLoss"
@@ -143,7 +143,7 @@ def test_bundle_says_whether_its_train_config_reproduces_its_weights(bundle, tra
 
 
 def test_export_without_metrics_says_not_measured(trained_model, tmp_path):
-    from busi_monai.bundle import export_bundle
+    from busi_monai.bundle.export import export_bundle
 
     out = export_bundle(trained_model, tmp_path / "b")
     assert "not measured" in (out / "docs" / "README.md").read_text()
@@ -164,7 +164,7 @@ def test_monai_verifiers(bundle, tmp_path):
 
 def test_bundle_inference_equals_busi_monai_infer(bundle, trained_model, image_dir, tmp_path):
     from busi_monai.cli import main
-    from busi_monai.io import read_mask
+    from busi_monai.data.io import read_mask
 
     out = tmp_path / "bundle_out"
     monai_bundle(
@@ -186,7 +186,7 @@ def test_bundle_inference_equals_busi_monai_infer(bundle, trained_model, image_d
 
 
 def test_bundle_nifti_output(bundle, image_dir, tmp_path):
-    from busi_monai.io import read_image
+    from busi_monai.data.io import read_image
 
     out = tmp_path / "nii_out"
     monai_bundle(
@@ -204,7 +204,7 @@ def test_bundle_probability_equals_predictor(bundle, trained_model, image_dir):
     from monai.bundle import ConfigParser
     from monai.transforms import Activationsd, Invertd
 
-    from busi_monai.inference import Predictor
+    from busi_monai.inference.predictor import Predictor
 
     sys.path.insert(0, str(bundle))
     try:
@@ -233,8 +233,8 @@ def test_bundle_probability_equals_predictor(bundle, trained_model, image_dir):
 
 
 def test_torchscript_equals_state_dict(bundle):
-    from busi_monai.bundle import checkpoint_from_bundle
-    from busi_monai.checkpoint import model_from_checkpoint
+    from busi_monai.bundle.export import checkpoint_from_bundle
+    from busi_monai.model.checkpoint import model_from_checkpoint
 
     net = model_from_checkpoint(checkpoint_from_bundle(bundle))
     ts = torch.jit.load(str(bundle / "models" / "model.ts"), map_location="cpu").eval()
@@ -247,13 +247,13 @@ def test_torchscript_equals_state_dict(bundle):
 
 
 def test_checkpoint_from_bundle_serves_predictor(bundle, trained_model, image_dir):
-    from busi_monai.bundle import checkpoint_from_bundle
-    from busi_monai.checkpoint import load_checkpoint
-    from busi_monai.inference import Predictor
+    from busi_monai.bundle.export import checkpoint_from_bundle
+    from busi_monai.inference.predictor import Predictor
+    from busi_monai.model.checkpoint import load_checkpoint
 
     ck = checkpoint_from_bundle(bundle)
     orig = load_checkpoint(trained_model)
-    from busi_monai.bundle import CORE_KEYS
+    from busi_monai.bundle.export import CORE_KEYS
 
     assert set(CORE_KEYS) <= set(ck) and ck["source"] == str(bundle)
     assert ck["network"] == {**orig["network"], "deep_supervision": False}
@@ -270,7 +270,7 @@ def test_checkpoint_from_bundle_serves_predictor(bundle, trained_model, image_di
 def test_processed_mask_transform_matches_busi_monai(bundle):
     from scipy import ndimage
 
-    from busi_monai.transforms import processed_mask
+    from busi_monai.inference.postprocessing import processed_mask
 
     ours = _load_bundle_scripts(bundle, "transforms").processed_mask
     rng = np.random.default_rng(0)
@@ -309,9 +309,9 @@ def _raw_dice(csv: Path) -> dict[str, float]:
 def test_train_and_evaluate_configs_run(bundle, trained_model, sample_dir, tmp_path):
     """The bundle's own trainer changes the weights it starts from, and its evaluator computes the
     Dice that busi-monai computes for the shipped model on the same image (self-contained)."""
-    from busi_monai.inference import Predictor
-    from busi_monai.io import read_mask
-    from busi_monai.metrics import image_metrics
+    from busi_monai.data.io import read_mask
+    from busi_monai.evaluation.metrics import image_metrics
+    from busi_monai.inference.predictor import Predictor
 
     data = _datalist_dir(sample_dir, tmp_path)
     ckpt_dir, eval_dir = tmp_path / "ckpt", tmp_path / "eval"
@@ -342,9 +342,10 @@ def test_app_serves_the_bundle(bundle, trained_model, sample_dir, tmp_path):
     its own, and its masks are the exported model's (MONAI Label's bundle app does the same)."""
     import itk
 
-    from busi_monai.inference import Predictor
-    from busi_monai.io import read_image
-    from busi_monai.serve import MODEL_FILENAME, build_studies
+    from busi_monai.data.io import read_image
+    from busi_monai.data.studies import build_studies
+    from busi_monai.inference.predictor import Predictor
+    from busi_monai.serve import MODEL_FILENAME
 
     sys.path.insert(0, str(REPO / "tests"))
     from app_server import AppServer
@@ -382,8 +383,8 @@ def cv_dir(trained_model, image_dir, tmp_path_factory) -> tuple[Path, float]:
     """Two "folds" (the trained model and a perturbed copy) whose recipe asks for flip TTA, and
     the confidence gate they carry: derived from the ensemble's own probabilities on the test
     images, so that it empties some of their masks and not others, whatever the model learnt."""
-    from busi_monai.checkpoint import atomic_torch_save, load_checkpoint
-    from busi_monai.inference import Predictor
+    from busi_monai.inference.predictor import Predictor
+    from busi_monai.model.checkpoint import atomic_torch_save, load_checkpoint
 
     d = tmp_path_factory.mktemp("cv")
     base = load_checkpoint(trained_model)
@@ -392,7 +393,7 @@ def cv_dir(trained_model, image_dir, tmp_path_factory) -> tuple[Path, float]:
     for i in range(2):
         state = {k: (v + 0.1 * v.std() * torch.randn(v.shape, generator=g) if i and v.is_floating_point() and v.numel() > 1 else v) for k, v in base["state_dict"].items()}
         folds.append({**base, "state_dict": state, "recipe": {**base["recipe"], "tta": True}})
-    from busi_monai.io import read_image
+    from busi_monai.data.io import read_image
 
     images = [read_image(p) for p in sorted(image_dir.glob("*.png"))]
     tops = Predictor(folds, device="cpu", confidence_gate=0).predict_small(images).flatten(1).amax(1).tolist()
@@ -407,10 +408,10 @@ def test_ensemble_bundle_equals_busi_monai_infer(cv_dir, image_dir, sample_dir, 
     """A cross-validation dir exports as one averaged network (folds x flips) whose bundle masks,
     TorchScript and read-back Predictor all equal `busi-monai infer --model CV_DIR`."""
     cv_dir, gate = cv_dir
-    from busi_monai.bundle import checkpoint_from_bundle
+    from busi_monai.bundle.export import checkpoint_from_bundle
     from busi_monai.cli import main
-    from busi_monai.inference import Predictor
-    from busi_monai.io import read_image, read_mask
+    from busi_monai.data.io import read_image, read_mask
+    from busi_monai.inference.predictor import Predictor
 
     bundle = tmp_path / "busi_ensemble"
     assert main(["export-bundle", "--model", str(cv_dir), "--out", str(bundle)]) == 0

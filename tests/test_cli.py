@@ -7,7 +7,7 @@ from pathlib import Path
 import itk
 import numpy as np
 
-from busi_monai.io import read_image
+from busi_monai.data.io import read_image
 
 
 def run_cli(*args, check=True):

@@ -7,9 +7,10 @@ from collections import Counter
 
 import pytest
 
-from busi_monai.checkpoint import load_checkpoint
-from busi_monai.crossval import GATES, grouped_stratified_folds
-from busi_monai.datasets import load_datalist
+from busi_monai.data.datasets import load_datalist
+from busi_monai.data.splits import grouped_stratified_folds
+from busi_monai.model.checkpoint import load_checkpoint
+from busi_monai.training.crossval import GATES
 
 
 def test_folds_keep_groups_whole_and_spread_classes(prepared_sample):
@@ -35,8 +36,8 @@ def test_folds_are_the_same_in_every_process(prepared_sample):
     import sys
 
     code = (
-        "import json, sys; from busi_monai.crossval import grouped_stratified_folds as f; "
-        "from busi_monai.datasets import load_datalist as l; "
+        "import json, sys; from busi_monai.data.splits import grouped_stratified_folds as f; "
+        "from busi_monai.data.datasets import load_datalist as l; "
         "items = [dict(it, group='g%d' % (i // 2)) for i, it in enumerate(l(sys.argv[1])['training'])]; "
         "print(json.dumps(f(items, 3, 0)))"
     )

@@ -10,19 +10,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import BUSI_ROOT as BUSI  # noqa: E402  (BUSI_ROOT, or ../shared/busi beside the repository)
 from PIL import Image
 
-from busi_monai.data import (
-    find_duplicate_groups,
-    group_class,
-    grouped_stratified_split,
-    make_studies,
-    prepare,
-    scan_busi,
-)
-from busi_monai.io import read_image, read_mask
-
-from conftest import BUSI_ROOT as BUSI  # noqa: E402  (BUSI_ROOT, or ../shared/busi beside the repository)
+from busi_monai.data.busi import scan_busi
+from busi_monai.data.duplicates import find_duplicate_groups
+from busi_monai.data.io import read_image, read_mask
+from busi_monai.data.prepare import prepare
+from busi_monai.data.splits import group_class, grouped_stratified_split
+from busi_monai.data.studies import make_studies
 
 needs_busi = pytest.mark.skipif(not (BUSI / "benign").is_dir(), reason=f"real BUSI copy not found at {BUSI} (set BUSI_ROOT)")
 

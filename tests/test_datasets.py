@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from busi_monai.datasets import DatasetError, cache_items, load_split, save_pack, source_kind, split_items
+from busi_monai.data.datasets import DatasetError, load_split, source_kind, split_items
+from busi_monai.data.packs import cache_items, save_pack
 
 
 def test_each_kind_of_source_is_recognised_and_anything_else_named(prepared_sample, sample_dir, tmp_path):

@@ -12,9 +12,9 @@ from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 
 from busi_monai.cli import main
-from busi_monai.io import read_image, read_mask
-from busi_monai.datasets import load_datalist
-from busi_monai.transforms import processed_mask
+from busi_monai.data.datasets import load_datalist
+from busi_monai.data.io import read_image, read_mask
+from busi_monai.inference.postprocessing import processed_mask
 
 EIGHT = np.ones((3, 3))
 
@@ -25,7 +25,7 @@ def n_components(mask: np.ndarray, structure=EIGHT) -> int:
 
 @pytest.fixture(scope="module")
 def predictor(trained_model):
-    from busi_monai.inference import Predictor
+    from busi_monai.inference.predictor import Predictor
 
     return Predictor(trained_model, device="cpu")
 
@@ -45,7 +45,7 @@ def lesion_items(test_items):
 
 
 def test_gradcam_size_range_and_localisation(predictor, lesion_items):
-    from busi_monai.explain import gradcam
+    from busi_monai.explain.gradcam import gradcam
 
     inside, outside = [], []
     for it in lesion_items:
@@ -63,7 +63,7 @@ def test_gradcam_size_range_and_localisation(predictor, lesion_items):
 
 
 def test_gradcam_layers_and_no_leftover_hooks(predictor, lesion_items):
-    from busi_monai.explain import gradcam, layer_names
+    from busi_monai.explain.gradcam import gradcam, layer_names
 
     net = predictor.network
     names = layer_names(net)
@@ -81,7 +81,7 @@ def test_gradcam_layers_and_no_leftover_hooks(predictor, lesion_items):
 
 
 def test_attention_maps(predictor, lesion_items):
-    from busi_monai.explain import attention_maps
+    from busi_monai.explain.gradcam import attention_maps
 
     im = read_image(lesion_items[0]["image"])
     maps = attention_maps(predictor, im)
@@ -94,7 +94,7 @@ def test_attention_maps(predictor, lesion_items):
 def test_heatmap_for_file_keeps_geometry(predictor, lesion_items, tmp_path):
     import itk
 
-    from busi_monai.explain import heatmap_for_file
+    from busi_monai.explain.gradcam import heatmap_for_file
 
     src = lesion_items[0]["image"]
     out = heatmap_for_file(predictor, src, tmp_path / "heat.nii.gz")

@@ -22,7 +22,7 @@ itk = pytest.importorskip("itk")
 nib = pytest.importorskip("nibabel")
 from PIL import Image
 
-from busi_monai.io import BusiInputError, read_image, read_mask
+from busi_monai.data.io import BusiInputError, read_image, read_mask
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 EXTENSIONS = [".png", ".jpg", ".bmp", ".tif", ".nii", ".nii.gz", ".nrrd", ".mha", ".dcm", ""]

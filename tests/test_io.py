@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from busi_monai.io import BusiInputError, read_image, read_mask, write_array, write_mask
+from busi_monai.data.io import (
+    BusiInputError,
+    read_image,
+    read_mask,
+    write_array,
+    write_mask,
+)
 
 
 def test_real_busi_grayscale_rgb_and_mask_modes(busi_root):
@@ -98,7 +104,7 @@ def test_a_label_of_several_mask_files_is_their_union(sample_dir):
     """BUSI gives some images several masks (``_mask``, ``_mask_1``): every reader takes their
     union, the benchmark's items included (it once kept the first mask only)."""
     from busi_monai.benchmark import benchmark_items
-    from busi_monai.transforms import LoadBusiImaged
+    from busi_monai.data.preprocessing import LoadBusiImaged
 
     image = sample_dir / "benign" / "benign (1).png"
     masks = [sample_dir / "benign" / "benign (1)_mask.png", sample_dir / "benign" / "benign (1)_mask_1.png"]

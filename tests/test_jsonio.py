@@ -34,7 +34,7 @@ def test_write_json_is_strict_and_read_json_repairs_old_files(tmp_path):
 
 
 def test_validation_figures_over_an_empty_set_are_null_not_nan():
-    from busi_monai.training import quick_scores
+    from busi_monai.training.validation import quick_scores
 
     labels = torch.zeros(3, 1, 8, 8)  # normal images only
     prob = torch.zeros(3, 1, 8, 8)
@@ -52,10 +52,10 @@ def test_validation_figures_over_an_empty_set_are_null_not_nan():
 def test_training_with_a_normal_only_validation_slice_writes_finite_json(tmp_path):
     """A fit whose validation images have no lesion (as with few labels in the app) selects by
     the selection score, and its history, summary and checkpoint metadata hold no NaN."""
-    from busi_monai.checkpoint import load_checkpoint
-    from busi_monai.presets import get_recipe
-    from busi_monai.datasets import CachedData
-    from busi_monai.training import fit
+    from busi_monai.data.packs import CachedData
+    from busi_monai.model.checkpoint import load_checkpoint
+    from busi_monai.training.loop import fit
+    from busi_monai.training.recipes import get_recipe
 
     g = torch.Generator().manual_seed(0)
     images = torch.rand(6, 1, 32, 32, generator=g)

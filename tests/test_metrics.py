@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from busi_monai.metrics import image_metrics, summarize
+from busi_monai.evaluation.metrics import image_metrics, summarize
 
 
 def _masks():

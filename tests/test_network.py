@@ -6,7 +6,7 @@ from monai.networks.blocks import Convolution
 from monai.networks.nets.attentionunet import AttentionBlock
 
 from busi_monai import build_network
-from busi_monai.networks import attention_gate_modules
+from busi_monai.model.networks import attention_gate_modules
 
 
 def _dropouts(block):
@@ -62,7 +62,7 @@ def test_deep_supervision_only_in_training():
 
 
 def test_network_specs_switch_options():
-    from busi_monai.networks import network_config
+    from busi_monai.model.networks import network_config
 
     cfg = network_config("fast+ds")
     assert cfg.deep_supervision and cfg.encoder_channels == (16, 32, 64, 128)
@@ -80,7 +80,7 @@ def test_network_specs_switch_options():
 def test_confidence_gate_empties_unsure_images_at_inference_only():
     from dataclasses import replace
 
-    from busi_monai.networks import GATED_LOGIT
+    from busi_monai.model.networks import GATED_LOGIT
 
     torch.manual_seed(0)
     net = build_network("fast").eval()
@@ -105,7 +105,7 @@ def test_confidence_gate_empties_unsure_images_at_inference_only():
 @pytest.mark.parametrize("name", ["paper", "fast", "half", "fast+ds"])
 def test_every_network_satisfies_the_written_protocol(name):
     """Training, explanation, active learning and the gate rely on SegmentationNetwork only."""
-    from busi_monai.networks import SegmentationNetwork, build_network
+    from busi_monai.model.networks import SegmentationNetwork, build_network
 
     net = build_network(name).eval()
     assert isinstance(net, SegmentationNetwork)

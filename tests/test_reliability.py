@@ -35,7 +35,7 @@ requests = pytest.importorskip("requests")
 psutil = pytest.importorskip("psutil")
 from PIL import Image  # noqa: E402
 
-from busi_monai.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from busi_monai.model.checkpoint import CheckpointError, load_checkpoint
 
 MODEL = "attention_unet"
 MAX_PIXELS = 400 * 400  # the sample images are about 320x300
@@ -49,7 +49,8 @@ TRAIN = {"max_epochs": 2, "image_size": 32, "train_batch_size": 4, "learning_rat
 # --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def app(sample_dir, trained_model, tmp_path_factory):
-    from busi_monai.serve import build_studies, publish_model
+    from busi_monai.data.studies import build_studies
+    from busi_monai.serve import publish_model
 
     root = tmp_path_factory.mktemp("reliability")
     mini = root / "busi"
@@ -90,7 +91,7 @@ def _unlabelled(srv) -> list[str]:
 
 
 def _image_shape(studies: Path, image_id: str) -> tuple[int, int]:
-    from busi_monai.io import read_image
+    from busi_monai.data.io import read_image
 
     return read_image(next(studies.glob(f"{image_id}.*"))).shape
 
@@ -289,7 +290,7 @@ def test_binary_png_mask_0_255_is_accepted(app, client, tmp_path):
     client.save_label(image_id, str(tmp_path / "mask.png"), tag="final")
     stored = _objects(srv)[image_id]["labels"]["final"]
     assert stored["ext"] == ".png"
-    from busi_monai.io import read_mask
+    from busi_monai.data.io import read_mask
 
     np.testing.assert_array_equal(read_mask(studies / "labels" / "final" / f"{image_id}.png"), mask > 0)
 
@@ -388,7 +389,7 @@ def test_load_concurrent_infer_and_labels(app, tmp_path):
         t.join(300)
     assert not errors, errors
     assert len(results) == 20 and time.time() - t0 < 300
-    from busi_monai.io import read_mask
+    from busi_monai.data.io import read_mask
 
     objs = _objects(srv)
     for kind, t, image_id, value in results:
@@ -547,7 +548,7 @@ def app_lib(monkeypatch):
 def test_crash_while_saving_a_label_leaves_the_previous_one(app_lib, sample_dir, tmp_path, monkeypatch):
     from lib import datastore as ds_mod
 
-    from busi_monai.serve import DATASTORE_EXTENSIONS
+    from busi_monai.data.studies import DATASTORE_EXTENSIONS
 
     studies = tmp_path / "studies"
     studies.mkdir()
@@ -580,7 +581,7 @@ def test_index_written_by_another_process_is_reloaded(app_lib, sample_dir, tmp_p
     still reload it when another process (the scoring task) saves image info."""
     from lib.datastore import BusiDatastore
 
-    from busi_monai.serve import DATASTORE_EXTENSIONS
+    from busi_monai.data.studies import DATASTORE_EXTENSIONS
 
     studies = tmp_path / "studies"
     studies.mkdir()
@@ -604,8 +605,9 @@ def test_training_lock_refuses_a_second_training(app_lib, sample_dir, trained_mo
     from lib.trainers.attention_unet import LOCK_FILENAME
     from monailabel.datastore.local import LocalDatastore
 
-    from busi_monai.serve import DATASTORE_EXTENSIONS, MODEL_FILENAME, publish_model
-    from busi_monai.training import TrainingError
+    from busi_monai.data.studies import DATASTORE_EXTENSIONS
+    from busi_monai.serve import MODEL_FILENAME, publish_model
+    from busi_monai.training.loop import TrainingError
 
     studies = tmp_path / "studies"
     (studies / "labels" / "final").mkdir(parents=True)

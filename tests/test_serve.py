@@ -24,9 +24,9 @@ from app_server import AppServer  # noqa: E402
 pytest.importorskip("monailabel")
 requests = pytest.importorskip("requests")
 
-from busi_monai.checkpoint import load_checkpoint  # noqa: E402
-from busi_monai.jsonio import loads_strict  # noqa: E402
-from busi_monai.serve import MODEL_FILENAME, STATS_FILENAME  # noqa: E402
+from busi_monai.jsonio import loads_strict
+from busi_monai.model.checkpoint import load_checkpoint
+from busi_monai.serve import MODEL_FILENAME, STATS_FILENAME
 
 MODEL = "attention_unet"
 WARMUP = ["--warmup-epochs", "3", "--warmup-size", "32"]
@@ -139,7 +139,8 @@ def test_train_on_few_labels_leaves_info_answering_with_finite_figures(served, v
 def test_info_answers_whatever_the_stats_file_holds(sample_dir, trained_model, tmp_path):
     """At start-up the stats file may be from an older version (NaN), truncated, or not an
     object: /info still answers 200 and says what is wrong; the next Train replaces the file."""
-    from busi_monai.serve import build_studies, publish_model
+    from busi_monai.data.studies import build_studies
+    from busi_monai.serve import publish_model
 
     studies, model_dir = tmp_path / "studies", tmp_path / "model"
     build_studies(mini_busi(sample_dir, tmp_path / "busi", {"benign": 2, "malignant": 2, "normal": 2}), studies, label_fraction=1.0)

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from busi_monai.data import load_case, scan_busi
-from busi_monai.synth import synthesize
+from busi_monai.data.busi import load_case, scan_busi
+from busi_monai.data.synth import synthesize
 
 
 def _files(root):

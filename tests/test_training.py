@@ -5,16 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TEST_OVERRIDES, TEST_PRESET
 from skimage.filters import threshold_otsu
 
-from busi_monai.checkpoint import load_checkpoint
-from busi_monai.evaluation import evaluate
-from busi_monai.io import read_image, read_mask
-from busi_monai.metrics import image_metrics, summarize
-from busi_monai.datasets import load_datalist
-from busi_monai.training import train_dataset
-
-from conftest import TEST_OVERRIDES, TEST_PRESET
+from busi_monai.data.datasets import load_datalist
+from busi_monai.data.io import read_image, read_mask
+from busi_monai.evaluation.evaluate import evaluate
+from busi_monai.evaluation.metrics import image_metrics, summarize
+from busi_monai.model.checkpoint import load_checkpoint
+from busi_monai.training.loop import train_dataset
 
 
 def _baseline_dice(items, predict):
@@ -62,7 +61,7 @@ def test_resume_continues_an_interrupted_run(prepared_sample, tmp_path):
 
 
 def test_training_without_labels_says_why(tmp_path):
-    from busi_monai.training import TrainingError
+    from busi_monai.training.loop import TrainingError
 
     (tmp_path / "dataset.json").write_text(json.dumps({"training": [], "test": []}))
     with pytest.raises(TrainingError, match="no labelled images"):
@@ -70,16 +69,16 @@ def test_training_without_labels_says_why(tmp_path):
 
 
 def _sample_data(prepared_sample, size=32):
-    from busi_monai.datasets import cache_items
-    from busi_monai.training import split_validation
+    from busi_monai.data.packs import cache_items
+    from busi_monai.data.splits import split_validation
 
     tr, va = split_validation(load_datalist(prepared_sample)["training"], 0.2, 0)
     return cache_items(tr, size, progress=False), cache_items(va, size, progress=False)
 
 
 def test_checkpoints_are_paced_and_model_pt_holds_the_best_epoch(prepared_sample, tmp_path):
-    from busi_monai.presets import get_recipe
-    from busi_monai.training import fit
+    from busi_monai.training.loop import fit
+    from busi_monai.training.recipes import get_recipe
 
     train, val = _sample_data(prepared_sample)
     recipe = get_recipe("fast").with_overrides(epochs=4, image_size=32, loss="dice_bce", learning_rate=3e-3)
@@ -107,8 +106,13 @@ def test_recipe_confidence_gate_reaches_the_saved_network(prepared_sample, tmp_p
 
 
 def test_pack_round_trip_is_lossless(prepared_sample, tmp_path):
-    from busi_monai.io import read_image, read_mask
-    from busi_monai.datasets import cache_items, load_pack, load_pack_originals, save_pack
+    from busi_monai.data.io import read_image, read_mask
+    from busi_monai.data.packs import (
+        cache_items,
+        load_pack,
+        load_pack_originals,
+        save_pack,
+    )
 
     items = load_datalist(prepared_sample)["test"]
     data = cache_items(items, 64, progress=False)
@@ -125,7 +129,7 @@ def test_pack_round_trip_is_lossless(prepared_sample, tmp_path):
 def test_validation_split_keeps_a_mixed_class_duplicate_group_together():
     """A benign and a malignant copy of one lesion never end up on both sides (the old per-class
     grouping split such a pair in 38 of 200 seeds); at least one image is held out and one kept."""
-    from busi_monai.training import split_validation
+    from busi_monai.data.splits import split_validation
 
     items = [{"id": f"s{i}", "class": ("benign", "malignant", "normal")[i % 3]} for i in range(40)]
     items += [{"id": "pair_b", "class": "benign", "group": "g"}, {"id": "pair_m", "class": "malignant", "group": "g"}]
@@ -144,8 +148,8 @@ def test_both_numeric_paths_train_on_any_cpu(prepared_sample, tmp_path, amp):
     """fp32 and bf16 autocast both run here, whichever the CPU does natively (bf16 is emulated
     where it is not): a change that breaks one path fails on every machine, not only on the
     machines that take it."""
-    from busi_monai.presets import get_recipe
-    from busi_monai.training import fit
+    from busi_monai.training.loop import fit
+    from busi_monai.training.recipes import get_recipe
 
     train, val = _sample_data(prepared_sample)
     recipe = get_recipe("fast").with_overrides(epochs=4, image_size=32, loss="dice_bce", learning_rate=3e-3)
@@ -159,8 +163,9 @@ def test_both_numeric_paths_train_on_any_cpu(prepared_sample, tmp_path, amp):
 
 
 def test_losses_and_schedules_are_chosen_by_name_from_one_registry():
-    from busi_monai.presets import get_recipe
-    from busi_monai.training import LOSSES, SCHEDULES, make_loss, make_scheduler
+    from busi_monai.training.losses import LOSSES, make_loss
+    from busi_monai.training.recipes import get_recipe
+    from busi_monai.training.schedules import SCHEDULES, make_scheduler
 
     net = torch.nn.Linear(2, 1)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)

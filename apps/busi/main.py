@@ -18,20 +18,19 @@ import logging
 import os
 import threading
 
+import monailabel
 from lib.activelearning.mc_dropout import MCDropoutStrategy  # noqa: F401 (imported while the app dir is on sys.path)
 from lib.configs.attention_unet import NAME, AttentionUNet
 from lib.datastore import BusiDatastore
 from lib.infers.attention_unet import AttentionUNetInfer  # noqa: F401
 from lib.scoring.mc_dropout import MCDropoutScoring  # noqa: F401
 from lib.trainers.attention_unet import AttentionUNetTrain  # noqa: F401
-
-import monailabel
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.tasks.activelearning.random import Random
 
+from busi_monai.data.studies import DATASTORE_EXTENSIONS
 from busi_monai.jsonio import finite
-from busi_monai.serve import DATASTORE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +139,7 @@ class BusiApp(MONAILabelApp):
 
         import numpy as np
 
-        from busi_monai.io import Image2D, write_mask
+        from busi_monai.data.io import Image2D, write_mask
 
         try:
             with tempfile.TemporaryDirectory() as d:

@@ -7,9 +7,10 @@ import time
 
 import torch
 
-from busi_monai.inference import Predictor
-from busi_monai.datasets import CachedData, load_pack
-from busi_monai.training import compile_network, fit, image_scores
+from busi_monai.data.packs import CachedData, load_pack
+from busi_monai.inference.predictor import Predictor
+from busi_monai.training.loop import compile_network, fit
+from busi_monai.training.validation import image_scores
 
 out = sys.argv[1]
 d = load_pack(sys.argv[2] if len(sys.argv) > 2 else ".gpu/busi256.npz")

@@ -27,11 +27,10 @@ import time
 from typing import Any
 
 from filelock import FileLock
-
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 from monailabel.interfaces.exception import ImageNotFoundException
 
-from busi_monai.io import DEFAULT_MAX_PIXELS, BusiInputError, read_image, read_mask
+from busi_monai.data.io import DEFAULT_MAX_PIXELS, BusiInputError, read_image, read_mask
 from busi_monai.jsonio import dumps
 from lib.errors import http_error
 

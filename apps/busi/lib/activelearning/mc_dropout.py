@@ -31,7 +31,11 @@ import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from busi_monai.active import DIVERSITY_POOL, k_center_greedy, typical_clusters
+from busi_monai.active.strategies import (
+    DIVERSITY_POOL,
+    k_center_greedy,
+    typical_clusters,
+)
 from lib.scoring.mc_dropout import EMBEDDING_KEY, EMBEDDING_VERSION_KEY, KEY
 
 logger = logging.getLogger(__name__)

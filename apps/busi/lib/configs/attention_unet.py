@@ -23,18 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from busi_monai.io import DEFAULT_MAX_PIXELS
-from busi_monai.presets import PRESETS, get_recipe
-from busi_monai.serve import MODEL_FILENAME, STATS_FILENAME, default_model_dir
-
-from lib.infers.attention_unet import AttentionUNetInfer, GradCamInfer
-from lib.trainers.attention_unet import AttentionUNetTrain
-from lib.activelearning.mc_dropout import MCDropoutDiverseStrategy, MCDropoutStrategy, TypiClustStrategy
-from lib.scoring.mc_dropout import MCDropoutScoring
-from lib.errors import ModelNotAvailable
-
 from monailabel.interfaces.config import TaskConfig
+
+from busi_monai.data.io import DEFAULT_MAX_PIXELS
+from busi_monai.serve import MODEL_FILENAME, STATS_FILENAME, default_model_dir
+from busi_monai.training.recipes import PRESETS, get_recipe
+from lib.activelearning.mc_dropout import (
+    MCDropoutDiverseStrategy,
+    MCDropoutStrategy,
+    TypiClustStrategy,
+)
+from lib.errors import ModelNotAvailable
+from lib.infers.attention_unet import AttentionUNetInfer, GradCamInfer
+from lib.scoring.mc_dropout import MCDropoutScoring
+from lib.trainers.attention_unet import AttentionUNetTrain
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +113,7 @@ class AppSettings:
         return os.path.join(self.model_dir, STATS_FILENAME)
 
     def resolved_device(self) -> torch.device:
-        from busi_monai.training import resolve_device
+        from busi_monai.device import resolve_device
 
         return resolve_device(self.device)
 
@@ -137,7 +139,7 @@ def _bundle_stamp(bundle: str) -> tuple:
 
 def _bundle_loader():
     try:
-        from busi_monai.bundle import checkpoint_from_bundle as load
+        from busi_monai.bundle.export import checkpoint_from_bundle as load
     except ImportError as e:
         raise ModelNotAvailable(
             "--conf bundle: serving a bundle needs busi_monai.bundle.checkpoint_from_bundle, "
@@ -217,7 +219,7 @@ class ServedModel:
             ck = checkpoint_from_bundle(path)
             version = hashlib.sha256(repr(stamp).encode()).hexdigest()[:12]
             return ck, ModelVersion("bundle", path, version, mtime, stamp)
-        from busi_monai.checkpoint import CheckpointError
+        from busi_monai.model.checkpoint import CheckpointError
 
         # Read the bytes through one file descriptor: the stamp then matches what was read
         # even if training replaces the file meanwhile.
@@ -260,7 +262,7 @@ class ServedModel:
 
     def get(self):
         """``(Predictor, ModelVersion)``, reloading the weights if they changed on disk."""
-        from busi_monai.inference import Predictor
+        from busi_monai.inference.predictor import Predictor
 
         with self._lock:
             src = self.current_source()

@@ -1,8 +1,8 @@
 """Infer task ``attention_unet``: the paper's Attention U-Net through ``busi_monai.inference.Predictor``.
 
-The image is read with ``busi_monai.io.read_image`` (PNG/JPEG/NIfTI/NRRD, single-slice
+The image is read with ``busi_monai.data.io.read_image`` (PNG/JPEG/NIfTI/NRRD, single-slice
 volumes squeezed), segmented at the network's size (sigmoid, threshold, processed mask),
-restored to the image's own size, and written with ``busi_monai.io.write_mask`` in the
+restored to the image's own size, and written with ``busi_monai.data.io.write_mask`` in the
 extension the client asks for (``result_extension``; Slicer asks for ``.nrrd``) with the
 image's own geometry, so the label overlays the image exactly. MONAI Label's Writer is not
 used: it transposes 2D arrays and drops the 2D geometry.
@@ -15,7 +15,6 @@ import os
 import re
 import tempfile
 import time
-
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
@@ -91,7 +90,7 @@ class AttentionUNetInfer(InferTask):
 
     def _checked_request(self, request):
         """The request's image, result extension and the served model, or a 4xx/503 naming the problem."""
-        from busi_monai.io import BusiInputError, read_image
+        from busi_monai.data.io import BusiInputError, read_image
 
         image = request.get("image")
         if not isinstance(image, str):
@@ -117,7 +116,7 @@ class AttentionUNetInfer(InferTask):
         return image, img, ext, predictor, version
 
     def __call__(self, request):
-        from busi_monai.io import write_mask
+        from busi_monai.data.io import write_mask
 
         t0 = time.time()
         image, img, ext, predictor, version = self._checked_request(request)
@@ -184,8 +183,8 @@ class GradCamInfer(AttentionUNetInfer):
     def __call__(self, request):
         import numpy as np
 
-        from busi_monai.explain import DEFAULT_LAYER, gradcam
-        from busi_monai.io import write_array
+        from busi_monai.data.io import write_array
+        from busi_monai.explain.gradcam import DEFAULT_LAYER, gradcam
 
         _, img, ext, predictor, version = self._checked_request(request)
         layer = request.get("layer") or DEFAULT_LAYER

@@ -34,7 +34,7 @@ import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
-from busi_monai.active import bottleneck_features, uncertainty_scores
+from busi_monai.active.strategies import bottleneck_features, uncertainty_scores
 from busi_monai.jsonio import finite, write_json
 from lib.errors import ModelNotAvailable
 
@@ -187,7 +187,7 @@ class MCDropoutScoring(ScoringMethod):
     @staticmethod
     def _chunks(image_ids: list[str], uris: dict[str, str]):
         """(ids, images) of up to :data:`CHUNK` readable images at a time."""
-        from busi_monai.io import BusiInputError, read_image
+        from busi_monai.data.io import BusiInputError, read_image
 
         for start in range(0, len(image_ids), CHUNK):
             ids, images = [], []

@@ -21,7 +21,6 @@ import shutil
 import time
 
 from filelock import FileLock, Timeout
-
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
@@ -116,7 +115,7 @@ class AttentionUNetTrain(TrainTask):
     # ------------------------------------------------------------------------------------
     def _datalist(self, datastore: Datastore) -> tuple[list[dict], list[str]]:
         """Labelled (image, final label) pairs that can be read and match; problems listed."""
-        from busi_monai.io import BusiInputError, read_image, read_mask
+        from busi_monai.data.io import BusiInputError, read_image, read_mask
 
         items, problems = [], []
         for it in datastore.datalist():
@@ -132,7 +131,7 @@ class AttentionUNetTrain(TrainTask):
         return items, problems
 
     def __call__(self, request, datastore: Datastore):
-        from busi_monai.training import TrainingError
+        from busi_monai.training.loop import TrainingError
 
         os.makedirs(self.settings.model_dir, exist_ok=True)
         lock = FileLock(os.path.join(self.settings.model_dir, LOCK_FILENAME))
@@ -165,10 +164,10 @@ class AttentionUNetTrain(TrainTask):
         return None
 
     def _train(self, request, datastore: Datastore):
-        from busi_monai.datasets import cache_items
-        from busi_monai.training import TrainingError, fit, split_validation
-
+        from busi_monai.data.packs import cache_items
+        from busi_monai.data.splits import split_validation
         from busi_monai.serve import MODEL_FILENAME, publish_model
+        from busi_monai.training.loop import TrainingError, fit
 
         req = {**self.config(), **(request or {})}
         logger.info("attention_unet train request: %s", {k: v for k, v in req.items() if k != "local_rank"})
@@ -207,7 +206,7 @@ class AttentionUNetTrain(TrainTask):
         os.makedirs(run_dir, exist_ok=True)
         resumed_from = 0
         if resume_run:
-            from busi_monai.checkpoint import load_checkpoint
+            from busi_monai.model.checkpoint import load_checkpoint
 
             resumed_from = int(load_checkpoint(os.path.join(run_dir, "last.pt"))["epoch"]) + 1
             logger.info("attention_unet: resuming the interrupted run %s after epoch %d", run_id, resumed_from)

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
-from .networks import AveragedNetwork
-from .io import Image2D, read_image
-from .transforms import preprocess_array, processed_mask, restore_size
-from .training import resolve_device
+from busi_monai.data.io import Image2D, read_image
+from busi_monai.data.preprocessing import preprocess_array, restore_size
+from busi_monai.device import resolve_device
+from busi_monai.inference.postprocessing import processed_mask
+from busi_monai.model.checkpoint import load_checkpoint, model_from_checkpoint
+from busi_monai.model.networks import AveragedNetwork
 
 
 @dataclass

@@ -16,9 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .explain import DEFAULT_LAYER, explain_image, resolve_layer
-from .figures import PRED_COLOUR, TRUTH_COLOUR, display_image, heat_overlay, mask_overlay, pyplot
-from .io import read_image
+from busi_monai.data.io import read_image
+from busi_monai.explain.explanation import explain_image
+from busi_monai.explain.gradcam import DEFAULT_LAYER, resolve_layer
+from busi_monai.figures import (
+    PRED_COLOUR,
+    TRUTH_COLOUR,
+    display_image,
+    heat_overlay,
+    mask_overlay,
+    pyplot,
+)
 
 CLASSES = ("benign", "malignant", "normal")
 COLUMNS = (
@@ -231,9 +239,9 @@ def make_report(
     progress: bool = False,
 ) -> Path:
     """Evaluate ``model`` on ``data`` and write ``OUT/report.md``, ``report.html`` and PNGs."""
-    from .datasets import split_items
-    from .evaluation import evaluate, truth_mask
-    from .inference import Predictor
+    from busi_monai.data.datasets import split_items
+    from busi_monai.evaluation.evaluate import evaluate, truth_mask
+    from busi_monai.inference.predictor import Predictor
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

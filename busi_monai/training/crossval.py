@@ -10,48 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .presets import get_recipe
-from .jsonio import dumps, write_json
-from .datasets import load_split
-from .training import (
-    TrainingError,
-    fit,
-    image_scores,
-    predict_cached,
-    quick_scores,
-    resolve_device,
-    split_cached,
-)
-
-
-def grouped_stratified_folds(items: list[dict], k: int, seed: int = 0) -> list[list[int]]:
-    """Fold index lists; whole groups per fold, each class spread evenly (greedy, largest groups
-    first). A group counts as the class :func:`busi_monai.data.group_class` gives it, as in the
-    test split: the same in every process (fold processes, a later ``--skip-training``)."""
-    from .data import group_class
-
-    rng = random.Random(seed)
-    groups: dict = {}
-    for i, it in enumerate(items):
-        groups.setdefault(it.get("group", f"i{i}"), []).append(i)
-    keys = list(groups)
-    rng.shuffle(keys)
-    keys.sort(key=lambda g: -len(groups[g]))
-    folds: list[list[int]] = [[] for _ in range(k)]
-    per_class = [dict() for _ in range(k)]
-    for g in keys:
-        members = groups[g]
-        cls = group_class([items[i].get("class", "?") for i in members])
-        f = min(range(k), key=lambda j: (per_class[j].get(cls, 0), len(folds[j])))
-        folds[f].extend(members)
-        per_class[f][cls] = per_class[f].get(cls, 0) + len(members)
-    return [sorted(f) for f in folds]
+from busi_monai.data.datasets import load_split
+from busi_monai.data.splits import grouped_stratified_folds, split_cached
+from busi_monai.device import resolve_device
+from busi_monai.jsonio import dumps, write_json
+from busi_monai.training.loop import TrainingError, fit
+from busi_monai.training.recipes import get_recipe
+from busi_monai.training.validation import image_scores, predict_cached, quick_scores
 
 
 def cross_validate(
@@ -93,7 +63,7 @@ def cross_validate(
 
 
 def _train_folds(data, out: Path, preset, folds, recipe, device, seed, wanted, compile_model, progress) -> None:
-    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from busi_monai.model.checkpoint import load_checkpoint, model_from_checkpoint
 
     cached = load_split(data, "training", recipe.image_size, progress)
     fold_idx = grouped_stratified_folds(cached.items, folds, seed)
@@ -169,8 +139,12 @@ def choose_gate(data, out: Path, folds: int, seed: int, recipe, device: str = "a
 
     import torch
 
-    from .checkpoint import atomic_torch_save, load_checkpoint, model_from_checkpoint
-    from .report import gate_plot
+    from busi_monai.evaluation.report import gate_plot
+    from busi_monai.model.checkpoint import (
+        atomic_torch_save,
+        load_checkpoint,
+        model_from_checkpoint,
+    )
 
     paths = [Path(out) / f"fold{f}" / "model.pt" for f in range(folds)]
     checkpoints = [load_checkpoint(p) for p in paths]
@@ -224,7 +198,7 @@ def summarize_folds(out: Path, preset: str, recipe) -> dict:
 
 
 def register_cli(sub) -> None:
-    from .presets import PRESETS, Recipe
+    from busi_monai.training.recipes import PRESETS, Recipe
 
     s = sub.add_parser("cv", help="grouped, class-stratified k-fold cross-validation; the folds form an ensemble")
     s.add_argument("--data", required=True, help="prepared dataset dir or a pack .npz")

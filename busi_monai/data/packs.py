@@ -1,17 +1,8 @@
-"""Where images and masks for training and evaluation come from, and the one answer to "is
-this a pack, a prepared dataset or a BUSI folder?" (:func:`source_kind`).
-
-* a prepared dataset: a folder with ``dataset.json`` (``busi-monai prepare``), training and
-  test splits;
-* a pack: one ``.npz`` of images preprocessed to one size (``busi-monai pack``), to carry to a
-  GPU machine, with the test split's full-size originals if asked for;
-* a BUSI-layout folder (``benign/``, ``malignant/``, ``normal/``): every image, no split.
-"""
+"""Images cached at network size in memory (``CachedData``) and their compact 8-bit copy on disk (packs)."""
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,46 +11,7 @@ import torch
 from monai.data import CacheDataset
 from monai.transforms import Compose
 
-from .transforms import LoadBusiImaged, preprocess_list
-
-
-class DatasetError(ValueError):
-    """Data that cannot be used as asked (not a dataset, wrong size); the message says why."""
-
-
-def source_kind(data: str | Path) -> str:
-    """``"pack"``, ``"prepared"`` or ``"busi"``; a clear error for anything else."""
-    data = Path(data)
-    if data.suffix == ".npz":
-        if not data.is_file():
-            raise DatasetError(f"{data}: no such pack")
-        return "pack"
-    if (data / "dataset.json").is_file():
-        return "prepared"
-    if data.is_dir() and any((data / c).is_dir() for c in ("benign", "malignant", "normal")):
-        return "busi"
-    raise DatasetError(f"{data}: not a prepared dataset (no dataset.json), a pack (.npz) or a BUSI folder; run `busi-monai prepare` first")
-
-
-def load_datalist(data_dir: str | Path) -> dict[str, list[dict]]:
-    """``dataset.json`` of a prepared dataset, with absolute paths."""
-    data_dir = Path(data_dir)
-    path = data_dir / "dataset.json"
-    if not path.is_file():
-        raise DatasetError(f"{data_dir}: not a prepared dataset (no dataset.json); run `busi-monai prepare` first")
-    spec = json.loads(path.read_text())
-    out = {}
-    for split in ("training", "test"):
-        items = []
-        for it in spec.get(split, []):
-            it = dict(it)
-            for k in ("image", "label"):
-                if k in it and not os.path.isabs(it[k]):
-                    it[k] = str(data_dir / it[k])
-            it.setdefault("id", Path(it["image"]).name.split(".")[0])
-            items.append(it)
-        out[split] = items
-    return out
+from busi_monai.data.preprocessing import LoadBusiImaged, preprocess_list
 
 
 @dataclass
@@ -160,30 +112,3 @@ def load_pack_originals(path: str | Path) -> list[tuple[np.ndarray, np.ndarray]]
         mask = np.unpackbits(z[f"orig_mask_{i}"], axis=-1)[:, :w]
         out.append((images[i].astype(np.float32), mask.astype(np.uint8)))
     return out
-
-
-def split_items(data: str | Path, split: str | None = "test") -> list[dict]:
-    """Image/label items of a prepared dataset's ``split`` (None: both splits) or of every image
-    of a BUSI folder (its ``label`` is the list of the image's mask files: their union)."""
-    kind = source_kind(data)
-    if kind == "prepared":
-        lists = load_datalist(data)
-        return lists["training"] + lists["test"] if split is None else lists[split]
-    if kind == "busi":
-        from .data import scan_busi
-
-        cases, _ = scan_busi(data)
-        return [{"image": str(c.image), "label": [str(m) for m in c.masks], "class": c.cls, "id": c.id} for c in cases]
-    raise DatasetError(f"{data}: a pack holds preprocessed arrays, not files; use load_split")
-
-
-def load_split(data: str | Path, split: str, image_size: int, progress: bool = True) -> CachedData:
-    """A split preprocessed to ``image_size``: a pack's rows of that split (which must be at
-    that size), or a prepared dataset's or BUSI folder's images decoded once."""
-    if source_kind(data) == "pack":
-        pack = load_pack(data)
-        if pack.images.shape[-1] != image_size:
-            raise DatasetError(f"{data}: pack is {pack.images.shape[-1]}px, recipe wants {image_size}px")
-        rows = [i for i, m in enumerate(pack.items) if m.get("split", "training") == split]
-        return CachedData(pack.images[rows], pack.labels[rows], [pack.items[i] for i in rows])
-    return cache_items(split_items(data, split), image_size, progress)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, replace
 
 @dataclass(frozen=True)
 class Recipe:
-    network: str  # networks.network_config spec: a key of networks.NETWORKS, e.g. "fast+ds"
+    network: str  # model.networks.network_config spec: a key of NETWORKS, e.g. "fast+ds"
     image_size: int = 256
     epochs: int = 50
     batch_size: int = 4
@@ -18,7 +18,7 @@ class Recipe:
     lr_decay: float = 0.95
     weight_decay: float = 0.0
     loss: str = "bce"  # "bce" (paper) or "dice_bce"
-    augment: str = "none"  # transforms.AUGMENTATIONS: "none" (paper), "ultrasound", "ultrasound+elastic"
+    augment: str = "none"  # training.augmentation.AUGMENTATIONS: "none" (paper), "ultrasound", "ultrasound+elastic"
     val_fraction: float = 0.1  # carved, by duplicate group, from the training split
     threshold: float = 0.5
     tta: bool = False

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .io import atomic_path
-from .networks import NetworkConfig, PaperAttentionUNet, build_network
-from .presets import Recipe
+from busi_monai import __version__
+from busi_monai.data.io import atomic_path
+from busi_monai.model.networks import NetworkConfig, PaperAttentionUNet, build_network
+from busi_monai.training.recipes import Recipe
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:

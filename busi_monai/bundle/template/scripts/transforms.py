@@ -6,7 +6,7 @@
 * ``ProcessedMaskd``: the paper's "processed mask" from the thresholded one: drop specks of at
   most ``min_area_fraction`` of the image (rounded to pixels), keep only components at least ``keep_fraction`` of the
   largest (8-connected), fill holes (background not 8-connected to the border). It reproduces
-  ``busi_monai.transforms.processed_mask`` (MONAI RemoveSmallObjects + FillHoles) pixel for pixel.
+  ``busi_monai.inference.postprocessing.processed_mask`` (MONAI RemoveSmallObjects + FillHoles) pixel for pixel.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -19,15 +18,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.losses import DeepSupervisionLoss, DiceCELoss
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
-from .datasets import CachedData, load_split
-from .jsonio import write_json
-from .networks import build_network, network_config
-from .presets import Recipe, get_recipe
-from .transforms import augmentation
+from busi_monai.data.datasets import load_split
+from busi_monai.data.packs import CachedData
+from busi_monai.data.splits import split_cached, split_record
+from busi_monai.device import mixed_precision, resolve_device
+from busi_monai.jsonio import write_json
+from busi_monai.model.checkpoint import (
+    atomic_torch_save,
+    load_checkpoint,
+    make_checkpoint,
+)
+from busi_monai.model.networks import build_network, network_config
+from busi_monai.training.augmentation import augmentation
+from busi_monai.training.losses import make_loss
+from busi_monai.training.recipes import Recipe, get_recipe
+from busi_monai.training.schedules import make_scheduler
+from busi_monai.training.validation import predict_cached, quick_scores
 
 log = logging.getLogger(__name__)
 
@@ -37,145 +45,6 @@ CHECKPOINT_OVERHEAD = 0.05
 
 class TrainingError(RuntimeError):
     """A training that cannot run (no labels, bad data); the message says why."""
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for but no CUDA GPU is available")
-    return torch.device(device)
-
-
-def validation_rows(items: list[dict], fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Hold out ``fraction`` of the items for model selection, by
-    :func:`busi_monai.data.grouped_stratified_split` (the splitter of the test split): whole
-    near-duplicate groups (``group``) on one side, stratified by ``class`` with a mixed
-    group's class decided by :func:`busi_monai.data.group_class`. At least one item is held
-    out, and at least one is kept for training. Returns the (training, validation) indices."""
-    from .data import grouped_stratified_split
-
-    everything = list(range(len(items)))
-    if fraction <= 0 or len(items) < 2:
-        return everything, []
-    by_group: dict = {}
-    for i, it in enumerate(items):
-        by_group.setdefault(it.get("group", f"i{i}"), []).append(i)
-    groups = list(by_group.values())
-    _, val_idx = grouped_stratified_split([it.get("class", "?") for it in items], groups, min(fraction, 0.9), seed)
-    if not val_idx:  # too few items for the fraction: hold out the smallest group
-        val_idx = min(groups, key=len)
-    if len(val_idx) == len(items):  # one group holds everything: no validation is possible
-        return everything, []
-    held = set(val_idx)
-    return [i for i in everything if i not in held], [i for i in everything if i in held]
-
-
-def split_validation(items: list[dict], fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """:func:`validation_rows` as the (training, validation) items themselves."""
-    train_idx, val_idx = validation_rows(items, fraction, seed)
-    return [items[i] for i in train_idx], [items[i] for i in val_idx]
-
-
-def split_cached(data: CachedData, fraction: float, seed: int = 0) -> tuple[CachedData, CachedData]:
-    """:func:`validation_rows` on images already decoded: the (training, validation) subsets."""
-    train_idx, val_idx = validation_rows(data.items, fraction, seed)
-    return data.subset(train_idx), data.subset(val_idx)
-
-
-def split_record(train: list[dict], val: list[dict]) -> dict:
-    """What ``RUN/split.json`` holds: the ids and duplicate groups on each side of the split."""
-    side = lambda its: [{"id": it.get("id"), "group": it.get("group"), "class": it.get("class")} for it in its]  # noqa: E731
-    return {"training": side(train), "validation": side(val)}
-
-
-# A recipe's ``loss`` and ``lr_schedule`` name one of these; adding one is one entry here.
-LOSSES: dict[str, Callable[[], torch.nn.Module]] = {
-    "bce": torch.nn.BCEWithLogitsLoss,  # the paper's
-    "dice_bce": lambda: DiceCELoss(sigmoid=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=False),
-}
-SCHEDULES: dict[str, Callable[[Recipe, torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]] = {
-    "exponential": lambda r, opt, epochs: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=r.lr_decay),
-    "cosine": lambda r, opt, epochs: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs), eta_min=r.learning_rate * 0.01),
-}
-
-
-def _named(registry: dict, name: str, what: str):
-    if name not in registry:
-        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(registry)}")
-    return registry[name]
-
-
-def make_loss(recipe: Recipe, deep_supervision: bool):
-    loss = _named(LOSSES, recipe.loss, "loss")()
-    return DeepSupervisionLoss(loss, weight_mode="exp") if deep_supervision else loss
-
-
-def make_scheduler(recipe: Recipe, optimizer, epochs: int):
-    return _named(SCHEDULES, recipe.lr_schedule, "lr schedule")(recipe, optimizer, epochs)
-
-
-@torch.no_grad()
-def predict_cached(model, images: torch.Tensor, batch_size: int = 16, amp: bool = False) -> torch.Tensor:
-    """Sigmoid probabilities of cached (N, 1, S, S) images, before any gate: validation judges
-    the segmentation, and the gates are chosen afterwards on held-out images (crossval)."""
-    model.eval()
-    outs = []
-    for i in range(0, images.shape[0], batch_size):
-        x = images[i : i + batch_size]
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
-            y = model.forward_parts(x)[0]
-        outs.append(torch.sigmoid(y.float()))
-    return torch.cat(outs) if outs else images.new_zeros(images.shape)
-
-
-def image_scores(prob: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> dict[str, torch.Tensor]:
-    """Per image of (N, 1, S, S) probabilities: ``lesion`` (the truth has one), ``outlined``
-    (the mask has one), ``dice`` against the truth, and ``top``, the highest probability."""
-    pred = (prob > threshold).float().flatten(1)
-    truth = labels.flatten(1)
-    return {
-        "lesion": truth.sum(1) > 0,
-        "outlined": pred.sum(1) > 0,
-        "dice": 2 * (pred * truth).sum(1) / (pred.sum(1) + truth.sum(1)).clamp(min=1),
-        "top": prob.flatten(1).amax(1),
-    }
-
-
-def selection_scores(s: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per image of :func:`image_scores`: what model selection maximises, Dice on a lesion image
-    and, on a normal image, 1 for an empty mask and 0 for a false outline."""
-    return torch.where(s["lesion"], s["dice"], (~s["outlined"]).float())
-
-
-def quick_scores(prob: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> dict:
-    """Validation numbers at training resolution: mean lesion Dice, normal false positives and
-    the selection score over all images. A figure over an empty set (no lesion image, no
-    normal image, no image) is ``None``, never NaN: it is not defined, and JSON has no NaN."""
-    s = image_scores(prob, labels, threshold)
-    has = s["lesion"]
-    per_image = selection_scores(s)
-    dice = per_image[has]
-    normal_fp = s["outlined"][~has].float()
-    mean = lambda t: float(t.mean()) if t.numel() else None  # noqa: E731
-    return {"val_dice": mean(dice), "val_normal_fp": mean(normal_fp), "val_score": mean(per_image)}
-
-
-def mixed_precision(dev: torch.device) -> bool:
-    """Train in bf16 autocast where the hardware does bf16 natively: CUDA GPUs that support it,
-    and CPUs with AVX-512 BF16 or AMX (oneDNN), where bf16 with channels-last is faster per core
-    than fp32 (BENCHMARKS.md). ``BUSI_MONAI_AMP=0`` turns it off; ``fit(amp=...)`` decides per run."""
-    if os.environ.get("BUSI_MONAI_AMP", "").lower() in ("0", "false", "off", "no"):
-        return False
-    if dev.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if dev.type == "cpu":
-        try:  # private helpers, present since torch 2.3; without them, stay in fp32
-            native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        except AttributeError:
-            return False
-        return native and torch.backends.mkldnn.is_available()
-    return False
 
 
 def _seed_everything(seed: int) -> None:

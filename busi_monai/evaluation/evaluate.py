@@ -11,11 +11,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .inference import Predictor
-from .datasets import source_kind, split_items
-from .io import read_image, read_masks_union
-from .jsonio import write_json
-from .metrics import image_metrics, summarize
+from busi_monai.data.datasets import source_kind, split_items
+from busi_monai.data.io import read_image, read_masks_union
+from busi_monai.evaluation.metrics import image_metrics, summarize
+from busi_monai.inference.predictor import Predictor
+from busi_monai.jsonio import write_json
 
 
 def truth_mask(item: dict, shape) -> "object":
@@ -27,7 +27,7 @@ def evaluate(model, data: str | Path, out: str | Path | None = None, split: str 
     predictor = predictor or Predictor(model, device=device)
     if source_kind(data) == "pack":
         # A pack carries the test split at full size (see `busi-monai pack --with-test-originals`).
-        from .datasets import load_pack, load_pack_originals
+        from busi_monai.data.packs import load_pack, load_pack_originals
 
         originals = load_pack_originals(data)
         items = [dict(m, image=m.get("id"), _orig=o) for m, o in zip((m for m in load_pack(data).items if m.get("split") == "test"), originals)]

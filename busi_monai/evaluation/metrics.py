@@ -11,7 +11,12 @@ import warnings
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou, get_confusion_matrix
+from monai.metrics import (
+    compute_dice,
+    compute_hausdorff_distance,
+    compute_iou,
+    get_confusion_matrix,
+)
 
 LESION_KEYS = ("dice", "iou", "precision", "recall", "hd95")
 # Lesion size as a share of the image; on the shared BUSI copy the quartiles are about 2%, 4.5% and 9.5%.

@@ -1,0 +1,1 @@
+"""MONAI bundle export (``busi-monai export-bundle``) and its template."""

@@ -1,0 +1,1 @@
+# Bundle scripts: `networks` (generated from busi_monai/model/networks.py at export) and `transforms`.

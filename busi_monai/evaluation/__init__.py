@@ -1,0 +1,1 @@
+"""Metrics, ``busi-monai evaluate`` and ``busi-monai report``."""

@@ -1,0 +1,1 @@
+"""Recipes (presets as data), losses, schedules, augmentation, the training loop, cross-validation."""
