@@ -17,6 +17,17 @@ from busi_monai.interactive.guidance import (
     scale_clicks,
 )
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """These tensors are small: a second thread only adds waits when the CPU is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --- click maps ---------------------------------------------------------------------------
 
 
@@ -84,3 +95,179 @@ def test_scaling_clicks_scales_each_axis_by_its_own_factor():
 
 def test_xy_points_become_row_col():
     assert rowcol_from_xy([(10, 3), [7.5, 2]]) == [(3.0, 10.0), (2.0, 7.5)]
+
+
+# --- the protocol's click -------------------------------------------------------------------
+
+from busi_monai.interactive.simulation import (  # noqa: E402
+    ProtocolClick,
+    chessboard_depth,
+    label_regions,
+    protocol_click,
+    sample_corrective_clicks,
+    sample_initial_clicks,
+    simulate_training_clicks,
+)
+
+
+def _square(shape, r0, c0, side):
+    m = np.zeros(shape, bool)
+    m[r0 : r0 + side, c0 : c0 + side] = True
+    return m
+
+
+def test_protocol_click_on_a_missed_square_is_positive_at_its_centre():
+    truth = _square((40, 40), 5, 5, 11) | _square((40, 40), 25, 25, 9)
+    pred = _square((40, 40), 25, 25, 9)  # the small lesion found, the large one missed
+    assert protocol_click(pred, truth) == ProtocolClick(10, 10, True)
+
+
+def test_protocol_click_on_a_false_region_is_negative_at_its_centre():
+    truth = _square((40, 40), 2, 2, 5)
+    pred = truth | _square((40, 40), 20, 21, 7)
+    assert protocol_click(pred.astype(np.float32) * 0.9, truth) == ProtocolClick(23, 24, False)
+
+
+def test_protocol_click_takes_the_larger_error_region_and_a_missed_one_on_a_tie():
+    truth = _square((40, 40), 0, 0, 20)
+    pred = truth.copy()
+    pred[5:10, 5:10] = False  # missed: 25 pixels
+    pred |= _square((40, 40), 30, 30, 6)  # false: 36 pixels
+    assert protocol_click(pred, truth).positive is False
+    pred[30:36, 30:36] = False
+    pred |= _square((40, 40), 30, 30, 5)  # false: 25 pixels, as many as missed
+    assert protocol_click(pred, truth) == ProtocolClick(7, 7, True)
+
+
+def test_no_protocol_click_on_a_perfect_prediction():
+    truth = _square((20, 20), 4, 4, 6)
+    assert protocol_click(truth.astype(np.uint8), truth) is None
+    assert protocol_click(np.zeros((20, 20)), np.zeros((20, 20))) is None
+
+
+def test_protocol_click_keeps_off_the_image_edge_and_handles_a_one_pixel_region():
+    truth = np.zeros((20, 30), bool)
+    truth[:, 20:] = True  # a lesion the frame cuts off on three sides, all missed
+    click = protocol_click(np.zeros_like(truth), truth)
+    assert click.positive and 20 < click.col < 29 and 0 < click.row < 19
+    pred = truth.copy()
+    pred[3, 3] = True
+    assert protocol_click(pred, truth) == ProtocolClick(3, 3, False)
+
+
+def test_a_normal_image_gets_only_negative_protocol_clicks():
+    truth = np.zeros((20, 20), bool)
+    assert protocol_click(_square((20, 20), 10, 10, 3), truth) == ProtocolClick(11, 11, False)
+
+
+# --- the batched training clicks --------------------------------------------------------------
+
+
+def test_chessboard_depth_matches_scipy_with_the_image_edge_as_border():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    masks = rng.random((3, 24, 31)) < 0.8
+    ours = chessboard_depth(torch.from_numpy(masks), max_depth=100).numpy()
+    for m, d in zip(masks, ours):
+        ref = ndimage.distance_transform_cdt(np.pad(m, 1), metric="chessboard")[1:-1, 1:-1]
+        np.testing.assert_array_equal(d, ref)
+    assert chessboard_depth(torch.ones(1, 20, 20, dtype=torch.bool), max_depth=4).max() == 4
+
+
+def test_label_regions_matches_scipy_eight_connected_components():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(1)
+    masks = rng.random((4, 20, 25)) < 0.45
+    ours = label_regions(torch.from_numpy(masks)).numpy()
+    for m, lab in zip(masks, ours):
+        ref, _ = ndimage.label(m, structure=np.ones((3, 3)))
+        assert ((lab > 0) == m).all()
+        # The same partition: each of ours is exactly one of scipy's.
+        pairs = {(a, b) for a, b in zip(lab[m], ref[m])}
+        assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs})
+
+
+def _truths():
+    t = torch.zeros(4, 32, 40, dtype=torch.bool)
+    t[0, 4:20, 6:30] = True
+    t[1, 10:13, 10:13] = True  # tiny
+    t[3, 20:, 25:] = True  # touching the image's corner; t[2] is a normal image
+    return t
+
+
+def test_initial_clicks_are_inside_the_truth_when_positive_and_outside_when_negative():
+    truth = _truths()
+    coords, labels = sample_initial_clicks(truth, num_positive=3, num_negative=2, generator=torch.Generator().manual_seed(0))
+    assert coords.shape == (4, 5, 2) and labels.shape == (4, 5)
+    for b in range(4):
+        for (r, c), lab in zip(coords[b].long().tolist(), labels[b].tolist()):
+            if lab == POSITIVE:
+                assert truth[b, r, c]
+            elif lab == NEGATIVE:
+                assert not truth[b, r, c]
+    assert (labels[2, :3] == NO_CLICK).all() and (labels[2, 3:] == NEGATIVE).all()  # normal image
+    assert (labels[[0, 1, 3], :3] == POSITIVE).all()
+
+
+def test_initial_clicks_favour_the_lesion_interior():
+    truth = torch.zeros(1, 64, 64, dtype=torch.bool)
+    truth[0, 8:56, 8:56] = True
+    coords, _ = sample_initial_clicks(truth.expand(200, -1, -1), generator=torch.Generator().manual_seed(0))
+    r, c = coords[:, 0, 0], coords[:, 0, 1]
+    ring = ((r < 12) | (r >= 52) | (c < 12) | (c >= 52)).float().mean()
+    # The 4-pixel rim is 31% of the lesion's area; drawn by depth it gets far fewer clicks.
+    assert ring < 0.15
+
+
+def test_training_clicks_are_reproducible_with_the_same_seed():
+    truth = _truths()
+    a = sample_initial_clicks(truth, 2, 2, generator=torch.Generator().manual_seed(7))
+    b = sample_initial_clicks(truth, 2, 2, generator=torch.Generator().manual_seed(7))
+    c = sample_initial_clicks(truth, 2, 2, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_corrective_clicks_land_in_the_largest_error_region_with_its_sign():
+    truth = _truths()
+    pred = truth.clone()
+    pred[0, 4:20, 6:12] = False  # image 0: a missed strip
+    pred[1, 0:8, 30:40] = True  # image 1: a false region larger than the tiny lesion it missed
+    pred[1, 10:13, 10:13] = False
+    pred[3, 0:2, 0:2] = True  # image 3: a small false corner; image 2 is perfect
+    coords, labels = sample_corrective_clicks(pred.float(), truth, generator=torch.Generator().manual_seed(0))
+    assert labels[:, 0].tolist() == [POSITIVE, NEGATIVE, NO_CLICK, NEGATIVE]
+    (r0, c0), (r1, c1), _, (r3, c3) = coords[:, 0].long().tolist()
+    assert 4 <= r0 < 20 and 6 <= c0 < 12
+    assert 0 <= r1 < 8 and 30 <= c1 < 40
+    assert r3 < 2 and c3 < 2
+
+
+def test_simulated_training_clicks_mix_automatic_and_corrected_images():
+    truth = _truths().repeat(4, 1, 1)  # 16 images
+    images = torch.rand(16, 1, 32, 40, generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def predict(x):  # a model that always predicts the left half
+        calls.append(x.shape)
+        out = torch.zeros(x.shape[0], 1, 32, 40)
+        out[..., :20] = 1.0
+        return out
+
+    def run(seed):
+        return simulate_training_clicks(predict, images, truth, generator=torch.Generator().manual_seed(seed), p_no_clicks=0.3, max_rounds=3)
+
+    first, again = run(3), run(3)
+    assert torch.equal(first.maps, again.maps) and torch.equal(first.labels, again.labels)
+    assert first.maps.shape == (16, 2, 32, 40)
+    assert calls[0] == (16, 3, 32, 40)
+    without = (first.labels == NO_CLICK).all(dim=1)
+    assert 0 < int(without.sum()) < 16
+    assert not first.maps[without].any() and first.maps[~without].any()
+    assert first.rounds >= 1 and len(calls) == 2 * first.rounds  # two runs
+    assert first.labels.shape[1] == 1 + first.rounds
+    for b in range(16):
+        for (r, c), lab in zip(first.coords[b].long().tolist(), first.labels[b].tolist()):
+            assert lab == NO_CLICK or bool(truth[b, r, c]) == (lab == POSITIVE)

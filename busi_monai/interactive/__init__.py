@@ -16,3 +16,12 @@ from .guidance import (
     rowcol_from_xy,
     scale_clicks,
 )
+from .simulation import (
+    DEFAULT_MAX_DEPTH,
+    ProtocolClick,
+    SimulatedClicks,
+    protocol_click,
+    sample_corrective_clicks,
+    sample_initial_clicks,
+    simulate_training_clicks,
+)
