@@ -271,3 +271,114 @@ def test_simulated_training_clicks_mix_automatic_and_corrected_images():
     for b in range(16):
         for (r, c), lab in zip(first.coords[b].long().tolist(), first.labels[b].tolist()):
             assert lab == NO_CLICK or bool(truth[b, r, c]) == (lab == POSITIVE)
+
+
+# --- the evaluation protocol ------------------------------------------------------------------
+
+from busi_monai.interactive.protocol import dice, evaluate_clicks, plot_dice_vs_clicks, summarize  # noqa: E402
+
+
+def _lesions():
+    """(image, truth) pairs: one-region lesions of several shapes, one touching the edge."""
+    shape = (48, 64)
+    truths = [_square(shape, 10, 12, 15), _square(shape, 0, 40, 20)]
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    truths.append((yy - 24) ** 2 / 14**2 + (xx - 30) ** 2 / 22**2 <= 1)
+    images = [np.full(shape, i, np.float32) for i in range(len(truths))]
+    return images, truths
+
+
+def _oracle(truths):
+    """Fills the region of the truth under each positive click, and nothing else."""
+    from scipy import ndimage
+
+    def predict(image, fg, bg):
+        labels, _ = ndimage.label(truths[int(image[0, 0])])
+        return np.isin(labels, [labels[r, c] for r, c in fg if labels[r, c] > 0]).astype(np.float32)
+
+    return predict
+
+
+def test_dice_counts_two_empty_masks_as_a_match():
+    assert dice(np.zeros((4, 4)), np.zeros((4, 4))) == 1.0
+    assert dice(np.ones((4, 4)), np.zeros((4, 4))) == 0.0
+    assert dice(_square((8, 8), 0, 0, 2), _square((8, 8), 0, 0, 4)) == pytest.approx(2 * 4 / 20)
+
+
+def test_a_perfect_oracle_reaches_dice_one_after_one_click():
+    images, truths = _lesions()
+    result = evaluate_clicks(_oracle(truths), images, truths, max_clicks=5)
+    s = result.summary
+    assert s["dice_after"] == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert s["noc_85"] == s["noc_90"] == 1.0 and s["failed_90"] == 0
+    assert s["images"] == 3 and s["max_clicks"] == 5
+    assert [len(c) for c in result.clicks] == [1, 1, 1]  # no clicks once perfect
+    assert all(c[0].positive and truths[i][c[0].row, c[0].col] for i, c in enumerate(result.clicks))
+    assert (result.clicks[0][0].row, result.clicks[0][0].col) == (17, 19)  # the square's centre
+
+
+def test_a_predictor_that_ignores_clicks_stays_flat_and_never_reaches_the_thresholds():
+    images, truths = _lesions()
+    calls = []
+
+    def predict(image, fg, bg):
+        calls.append(len(fg) + len(bg))
+        half = truths[int(image[0, 0])].copy()
+        half[: half.shape[0] // 2 + 12] = False  # the lower part of each lesion only
+        return half * 0.8
+
+    result = evaluate_clicks(predict, images, truths, max_clicks=4)
+    s = result.summary
+    assert len(set(s["dice_after"])) == 1 and 0 < s["dice_after"][0] < 0.85
+    assert s["noc_85"] == s["noc_90"] == 4.0 and s["failed_90"] == 3
+    assert calls == [0, 1, 2, 3, 4] * 3  # every click is passed on, positive ones here
+    assert all(np.isfinite(v) for v in s["dice_after"] + [s["noc_85"], s["noc_90"]])
+
+
+def test_an_automatic_prediction_that_is_already_good_needs_no_clicks():
+    images, truths = _lesions()
+    result = evaluate_clicks(lambda image, fg, bg: truths[int(image[0, 0])].astype(float), images, truths, max_clicks=3)
+    assert result.summary["noc_90"] == 0.0 and result.clicks == [[], [], []]
+
+
+def test_the_protocol_gives_identical_results_on_two_runs():
+    images, truths = _lesions()
+
+    def predict(image, fg, bg):  # depends on every click, positive and negative
+        out = np.zeros(truths[0].shape, np.float32)
+        out[20:40, 10:50] = 1.0
+        for r, c in fg:
+            out[max(r - 6, 0) : r + 7, max(c - 6, 0) : c + 7] = 1.0
+        for r, c in bg:
+            out[max(r - 3, 0) : r + 4, max(c - 3, 0) : c + 4] = 0.0
+        return out
+
+    a = evaluate_clicks(predict, images, truths, max_clicks=6)
+    b = evaluate_clicks(predict, images, truths, max_clicks=6)
+    np.testing.assert_array_equal(a.dice, b.dice)
+    assert a.clicks == b.clicks and a.summary == b.summary
+    assert any(not c.positive for cs in a.clicks for c in cs)
+
+
+def test_the_protocol_refuses_normal_images_and_wrongly_shaped_predictions():
+    images, truths = _lesions()
+    with pytest.raises(ValueError, match="lesion images only"):
+        evaluate_clicks(_oracle(truths), images[:1], [np.zeros((48, 64))], max_clicks=2)
+    with pytest.raises(ValueError, match="shape"):
+        evaluate_clicks(lambda image, fg, bg: np.zeros((4, 4)), images, truths, max_clicks=2)
+
+
+def test_summary_counts_never_reached_as_n_clicks():
+    s = summarize(np.array([[0.5, 0.86, 0.95], [0.2, 0.3, 0.4]]))
+    assert s["noc_85"] == pytest.approx((1 + 2) / 2) and s["noc_90"] == pytest.approx((2 + 2) / 2)
+    assert s["failed_90"] == 1 and s["dice_after"] == pytest.approx([0.35, 0.58, 0.675])
+
+
+def test_the_plot_is_a_png_with_one_curve_per_model(tmp_path):
+    images, truths = _lesions()
+    oracle = evaluate_clicks(_oracle(truths), images, truths, max_clicks=3).summary
+    flat = summarize(np.full((3, 4), 0.5))
+    for summaries, name in [(oracle, "one.png"), ({"oracle": oracle, "flat": flat}, "two.png"), ([oracle, flat], "list.png")]:
+        path = plot_dice_vs_clicks(summaries, tmp_path / name)
+        data = path.read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000

@@ -25,3 +25,4 @@ from .simulation import (
     sample_initial_clicks,
     simulate_training_clicks,
 )
+from .protocol import ClickEvaluation, clicks_to_reach, dice, evaluate_clicks, plot_dice_vs_clicks, summarize
