@@ -1,0 +1,28 @@
+"""Click-guided interactive segmentation (issue #18): click maps for the network's two extra
+input channels, click simulators for training and evaluation, and the evaluation protocol.
+
+Self-contained (numpy, scipy, torch, monai, matplotlib only), so the network, the training
+loop, the evaluation CLI and the MONAI Label app can each use it. Coordinates are (row, col).
+"""
+
+from .guidance import (
+    DEFAULT_SIGMA,
+    NEGATIVE,
+    NO_CLICK,
+    POSITIVE,
+    click_maps,
+    click_maps_batch,
+    clicks_to_tensors,
+    rowcol_from_xy,
+    scale_clicks,
+)
+from .simulation import (
+    DEFAULT_MAX_DEPTH,
+    ProtocolClick,
+    SimulatedClicks,
+    protocol_click,
+    sample_corrective_clicks,
+    sample_initial_clicks,
+    simulate_training_clicks,
+)
+from .protocol import ClickEvaluation, clicks_to_reach, dice, evaluate_clicks, plot_dice_vs_clicks, summarize
