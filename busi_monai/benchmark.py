@@ -214,7 +214,7 @@ def _end_to_end(preset: str, data: CachedData, size: int, device: str, compile_m
     recipe = get_recipe(preset)
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()
-        summary = fit(train, CachedData(images[:0], labels[:0], []), out, preset, recipe, device, progress=False, compile_model=compile_model)
+        summary = fit(train, CachedData(images[:0], labels[:0], []), out, preset, recipe, device=device, progress=False, compile_model=compile_model)
         wall = time.perf_counter() - t
     return {
         "images": PAPER_IMAGES,

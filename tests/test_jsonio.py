@@ -65,7 +65,7 @@ def test_training_with_a_normal_only_validation_slice_writes_finite_json(tmp_pat
     train = CachedData(images[:4], labels[:4], items[:4])
     val = CachedData(images[4:], labels[4:], items[4:])
     recipe = get_recipe("fast").with_overrides(epochs=2, image_size=32, loss="dice_bce")
-    summary = fit(train, val, tmp_path, "fast", recipe, "cpu", progress=False)
+    summary = fit(train, val, tmp_path, "fast", recipe, device="cpu", progress=False)
     for name in ("history.json", "summary.json", "split.json"):
         loads_strict((tmp_path / name).read_text())
     assert summary["best_val_dice"] is None and 0 <= summary["best_val_score"] <= 1

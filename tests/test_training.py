@@ -82,10 +82,10 @@ def test_checkpoints_are_paced_and_model_pt_holds_the_best_epoch(prepared_sample
 
     train, val = _sample_data(prepared_sample)
     recipe = get_recipe("fast").with_overrides(epochs=4, image_size=32, loss="dice_bce", learning_rate=3e-3)
-    every = fit(train, val, tmp_path / "every", "fast", recipe, "cpu", progress=False, checkpoint_overhead=1.0)
+    every = fit(train, val, tmp_path / "every", "fast", recipe, device="cpu", progress=False, checkpoint_overhead=1.0)
     assert every["checkpoint_writes"] == 4
     # A negligible allowance: only the first and the last epoch are written.
-    paced = fit(train, val, tmp_path / "paced", "fast", recipe, "cpu", progress=False, checkpoint_overhead=1e-9)
+    paced = fit(train, val, tmp_path / "paced", "fast", recipe, device="cpu", progress=False, checkpoint_overhead=1e-9)
     assert paced["checkpoint_writes"] == 2
     for run in ("every", "paced"):
         history = json.loads((tmp_path / run / "history.json").read_text())
@@ -153,7 +153,7 @@ def test_both_numeric_paths_train_on_any_cpu(prepared_sample, tmp_path, amp):
 
     train, val = _sample_data(prepared_sample)
     recipe = get_recipe("fast").with_overrides(epochs=4, image_size=32, loss="dice_bce", learning_rate=3e-3)
-    summary = fit(train, val, tmp_path, "fast", recipe, "cpu", progress=False, amp=amp)
+    summary = fit(train, val, tmp_path, "fast", recipe, device="cpu", progress=False, amp=amp)
     assert summary["amp_bf16"] is amp
     losses = [h["loss"] for h in json.loads((tmp_path / "history.json").read_text())]
     assert all(np.isfinite(losses)) and min(losses[1:]) < losses[0], losses

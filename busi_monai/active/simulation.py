@@ -137,7 +137,7 @@ def simulate(
     def train(labelled_idx: list[int], epochs: int, run_dir: Path, init: Path | None, seed: int, lr: float | None = None) -> tuple[Path, dict, float]:
         recipe = base.with_overrides(epochs=epochs, learning_rate=lr)
         t = time.time()
-        fit(pool.subset(labelled_idx), pool.subset([]), run_dir, preset, recipe, device, init_checkpoint=init, progress=False, seed=seed)
+        fit(pool.subset(labelled_idx), pool.subset([]), run_dir, preset, recipe, device=device, init_checkpoint=init, progress=False, seed=seed)
         ckpt = run_dir / "last.pt"
         return ckpt, _test_scores(ckpt, test, device), time.time() - t
 

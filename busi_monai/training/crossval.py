@@ -73,7 +73,7 @@ def _train_folds(data, out: Path, preset, folds, recipe, device, seed, wanted, c
         held_set = set(held)
         rest = [i for i in range(len(cached)) if i not in held_set]
         train, val = split_cached(cached.subset(rest), recipe.val_fraction, seed + f)
-        summary = fit(train, val, out / f"fold{f}", preset, recipe, device, progress=progress, seed=seed + f, compile_model=compile_model)
+        summary = fit(train, val, out / f"fold{f}", preset, recipe, device=device, progress=progress, seed=seed + f, compile_model=compile_model)
         # Score the fold's best model on its held-out fold at network resolution.
         model = model_from_checkpoint(load_checkpoint(out / f"fold{f}" / "model.pt"), dev)
         held_data = cached.subset(held).to(dev)

@@ -13,7 +13,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,156 +53,206 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """How one training runs, as opposed to what it trains (the :class:`Recipe`).
+
+    Args:
+        device: ``auto``, ``cpu`` or ``cuda``.
+        seed: seeds the weights, the batch order and the augmentation.
+        resume: continue ``out/last.pt`` where it stopped.
+        init_checkpoint: start from earlier weights (as MONAI Label retraining does).
+        progress: show a progress bar.
+        on_epoch: called with each epoch's record (the app's trainer reports through it).
+        compile_model: torch.compile the training step.
+        checkpoint_overhead: the share of the time checkpoints may take (see :class:`CheckpointPacer`).
+        amp: bf16 autocast on or off; None decides by the hardware (:func:`mixed_precision`).
+    """
+
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    init_checkpoint: str | Path | None = None
+    progress: bool = True
+    on_epoch: Callable[[dict], None] | None = None
+    compile_model: bool = False
+    checkpoint_overhead: float = CHECKPOINT_OVERHEAD
+    amp: bool | None = None
+
+
 def fit(
     train: CachedData,
     val: CachedData,
     out: str | Path,
     preset: str = "paper",
     recipe: Recipe | None = None,
-    device: str = "auto",
-    resume: bool = False,
-    init_checkpoint: str | Path | None = None,
-    progress: bool = True,
-    seed: int = 0,
-    on_epoch: Callable[[dict], None] | None = None,
-    compile_model: bool = False,
-    checkpoint_overhead: float = CHECKPOINT_OVERHEAD,
-    amp: bool | None = None,
+    settings: RunSettings | None = None,
+    **setting_overrides,
 ) -> dict:
-    """Train and write ``out/model.pt`` (best validation score), ``out/last.pt``, ``out/history.json``.
+    """Train and write ``out/model.pt`` (best validation score), ``out/last.pt``, ``out/history.json``,
+    ``out/split.json`` and ``out/summary.json``; return the summary.
 
-    ``init_checkpoint`` starts from earlier weights (as MONAI Label retraining does);
-    ``resume`` continues ``out/last.pt`` where it stopped. Checkpoints are written after the
-    first epoch, then whenever writing them costs at most ``checkpoint_overhead`` of the time
-    since the last write (each of the CPU's 15-s epochs; every few of a GPU's ~1-s ones, where
-    writing ~230 MB each epoch would double the run), and always at the end. ``amp``: bf16
-    autocast on or off; None decides by the hardware (:func:`mixed_precision`). Returns the summary.
+    ``settings`` (or its fields as keywords) say how the run goes; ``recipe`` (default: the
+    preset's) what it trains.
     """
-    recipe = recipe or get_recipe(preset)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if len(train) == 0:
-        raise TrainingError("no labelled images to train on")
-    dev = resolve_device(device)
-    _seed_everything(seed)
-    model = build_network(replace(network_config(recipe.network), confidence_gate=recipe.confidence_gate)).to(dev)
-    amp = mixed_precision(dev) if amp is None else amp
-    channels_last = dev.type == "cuda" or amp
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    # fused Adam: one kernel per step instead of several per parameter tensor (CUDA only).
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay, fused=dev.type == "cuda")
-    scheduler = make_scheduler(recipe, optimizer, recipe.epochs)
-    loss_fn = make_loss(recipe, model.config.deep_supervision)
-    aug = augmentation(recipe.augment)
+    settings = replace(settings or RunSettings(), **setting_overrides)
+    return Trainer(train, val, out, preset, recipe or get_recipe(preset), settings).run()
 
-    history: list[dict] = []
-    start_epoch, best, best_dice = 0, -math.inf, None
-    last_path, best_path = out / "last.pt", out / "model.pt"
-    if resume and last_path.is_file():
-        ck = load_checkpoint(last_path)
-        model.load_state_dict(ck["state_dict"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        start_epoch, history = ck["epoch"] + 1, ck.get("history", [])
-        best, best_dice = ck.get("best_val_score", -math.inf), ck.get("best_val_dice")
-        log.info("resuming %s at epoch %d", last_path, start_epoch + 1)
-    elif init_checkpoint and Path(init_checkpoint).is_file():
-        ck = load_checkpoint(init_checkpoint)
-        try:
-            model.load_state_dict(ck["state_dict"])
-            log.info("starting from the weights of %s", init_checkpoint)
-        except RuntimeError:
-            log.warning("%s has another architecture; training from scratch", init_checkpoint)
 
-    write_json(split_record(train.items, val.items), out / "split.json")
-    train_d, val_d = train.to(dev), val.to(dev)
-    # Full batches through the compiled step (CUDA graphs need fixed shapes); the last, smaller
-    # one eagerly rather than recording a second graph for it.
-    full_step = compile_network(model.forward_parts, dev) if compile_model else model.forward_parts
-    writer = _tensorboard(out / "tensorboard")
-    n = len(train_d)
-    steps = math.ceil(n / recipe.batch_size)
-    g = torch.Generator().manual_seed(seed + start_epoch)
-    bar = tqdm(range(start_epoch, recipe.epochs), desc="train", unit="epoch", disable=not progress, initial=start_epoch, total=recipe.epochs)
-    t0 = time.time()
-    saver = _CheckpointPacer(checkpoint_overhead)
-    best_state = None  # the best weights since the last write, kept in memory until the next one
-    for epoch in bar:
+class Trainer:
+    """One training run, in steps: build the model and its optimiser, restore earlier weights,
+    then per epoch train, validate, keep the best weights and write checkpoints at a pace
+    (:class:`CheckpointPacer`: after the first epoch, whenever writing costs at most
+    ``checkpoint_overhead`` of the time since the last write, and at the end)."""
+
+    def __init__(self, train: CachedData, val: CachedData, out: str | Path, preset: str, recipe: Recipe, settings: RunSettings):
+        if len(train) == 0:
+            raise TrainingError("no labelled images to train on")
+        self.preset, self.recipe, self.settings = preset, recipe, settings
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.dev = dev = resolve_device(settings.device)
+        _seed_everything(settings.seed)
+        self.model = build_network(replace(network_config(recipe.network), confidence_gate=recipe.confidence_gate)).to(dev)
+        self.amp = mixed_precision(dev) if settings.amp is None else settings.amp
+        self.channels_last = dev.type == "cuda" or self.amp
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        # fused Adam: one kernel per step instead of several per parameter tensor (CUDA only).
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay, fused=dev.type == "cuda")
+        self.scheduler = make_scheduler(recipe, self.optimizer, recipe.epochs)
+        self.loss_fn = make_loss(recipe, self.model.config.deep_supervision)
+        self.augment = augmentation(recipe.augment)
+        self.train_items, self.val_items = train.items, val.items
+        self.train_d, self.val_d = train.to(dev), val.to(dev)
+        self.history: list[dict] = []
+        self.start_epoch, self.best, self.best_dice = 0, -math.inf, None
+        self.best_state = None  # the best weights since the last write, kept in memory until the next one
+        self.last_path, self.best_path = self.out / "last.pt", self.out / "model.pt"
+        self.pacer = CheckpointPacer(settings.checkpoint_overhead)
+
+    def restore(self) -> None:
+        """``resume``: the optimiser, schedule and history of ``last.pt``; else ``init_checkpoint``'s weights."""
+        s = self.settings
+        if s.resume and self.last_path.is_file():
+            ck = load_checkpoint(self.last_path)
+            self.model.load_state_dict(ck["state_dict"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.scheduler.load_state_dict(ck["scheduler"])
+            self.start_epoch, self.history = ck["epoch"] + 1, ck.get("history", [])
+            self.best, self.best_dice = ck.get("best_val_score", -math.inf), ck.get("best_val_dice")
+            log.info("resuming %s at epoch %d", self.last_path, self.start_epoch + 1)
+        elif s.init_checkpoint and Path(s.init_checkpoint).is_file():
+            ck = load_checkpoint(s.init_checkpoint)
+            try:
+                self.model.load_state_dict(ck["state_dict"])
+                log.info("starting from the weights of %s", s.init_checkpoint)
+            except RuntimeError:
+                log.warning("%s has another architecture; training from scratch", s.init_checkpoint)
+
+    def train_epoch(self, epoch: int, generator: torch.Generator, step) -> float:
+        """One pass over the training images in random order; returns the mean loss."""
+        model, r, data = self.model, self.recipe, self.train_d
         model.train()
-        perm = torch.randperm(n, generator=g)
-        total = torch.zeros((), device=dev)  # summed on the device: no host sync per step
-        for s in range(steps):
-            idx = perm[s * recipe.batch_size : (s + 1) * recipe.batch_size].to(dev)
-            x, y = train_d.images[idx], train_d.labels[idx]
-            if aug is not None:
-                x, y = aug(x, y)
-            if channels_last:
+        n = len(data)
+        perm = torch.randperm(n, generator=generator)
+        total = torch.zeros((), device=self.dev)  # summed on the device: no host sync per step
+        for s in range(math.ceil(n / r.batch_size)):
+            idx = perm[s * r.batch_size : (s + 1) * r.batch_size].to(self.dev)
+            x, y = data.images[idx], data.labels[idx]
+            if self.augment is not None:
+                x, y = self.augment(x, y)
+            if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-                seg, aux = (full_step if x.shape[0] == recipe.batch_size else model.forward_parts)(x)
-                loss = loss_fn([p.float() for p in (seg, *aux)], y) if aux else loss_fn(seg.float(), y)
-            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=self.dev.type, dtype=torch.bfloat16, enabled=self.amp):
+                seg, aux = (step if x.shape[0] == r.batch_size else model.forward_parts)(x)
+                loss = self.loss_fn([p.float() for p in (seg, *aux)], y) if aux else self.loss_fn(seg.float(), y)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            self.optimizer.step()
             total += loss.detach() * x.shape[0]
-        scheduler.step()
-        rec = {"epoch": epoch + 1, "loss": float(total) / n, "lr": optimizer.param_groups[0]["lr"], "time_s": time.time() - t0}
-        if len(val_d):
-            rec.update(quick_scores(predict_cached(model, val_d.images, amp=amp), val_d.labels, recipe.threshold))
-        history.append(rec)
-        for k, v in rec.items():
-            if k != "epoch" and isinstance(v, float) and math.isfinite(v) and writer:
-                writer.add_scalar(k, v, epoch + 1)
+        self.scheduler.step()
+        return float(total) / n
+
+    def validate(self) -> dict:
+        """The validation slice's scores (none without one)."""
+        if not len(self.val_d):
+            return {}
+        return quick_scores(predict_cached(self.model, self.val_d.images, amp=self.amp), self.val_d.labels, self.recipe.threshold)
+
+    def keep_if_best(self, epoch: int, rec: dict) -> None:
         score = rec.get("val_score")
         if score is None or not math.isfinite(score):  # no validation images, or a diverged loss
             score = -rec["loss"] if math.isfinite(rec["loss"]) else -math.inf
-        meta = {"epoch": epoch, "history": history, "n_train": n, "n_val": len(val_d), "device": str(dev)}
-        if score > best:
-            best, best_dice = score, rec.get("val_dice")
-            best_state = {"epoch": epoch, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-        final = epoch + 1 == recipe.epochs
-        if saver.due(final):
-            with saver.timed():
-                kept = {"best_val_score": best, "best_val_dice": best_dice}
-                if best_state is not None:
-                    weights = {k: v.cpu() for k, v in best_state["state"].items()}
-                    atomic_torch_save(
-                        make_checkpoint(model, recipe, preset, state_dict=weights, **kept, **{**meta, "epoch": best_state["epoch"]}),
-                        best_path,
-                    )
-                    best_state = None
-                atomic_torch_save(
-                    make_checkpoint(model, recipe, preset, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), **kept, **meta),
-                    last_path,
-                )
-            write_json(history, out / "history.json")
-        bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k in ("loss", "val_dice") and v is not None})
-        if on_epoch:
-            on_epoch(rec)
-    if writer:
-        writer.close()
-    summary = {
-        "preset": preset,
-        "recipe": recipe.to_dict(),
-        "device": str(dev),
-        "amp_bf16": amp,
-        "epochs": recipe.epochs,
-        "n_train": n,
-        "n_val": len(val_d),
-        "best_val_score": best if len(val_d) else None,
-        "best_val_dice": best_dice if len(val_d) else None,
-        "train_time_s": time.time() - t0,
-        "checkpoint_writes": saver.writes,
-        "model": str(best_path),
-    }
-    write_json(summary, out / "summary.json")
-    return summary
+        if score > self.best:
+            self.best, self.best_dice = score, rec.get("val_dice")
+            self.best_state = {"epoch": epoch, "state": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
+
+    def save(self, epoch: int) -> None:
+        """``model.pt`` (the best weights, if they changed) and ``last.pt`` (everything to resume), atomically."""
+        meta = {"epoch": epoch, "history": self.history, "n_train": len(self.train_d), "n_val": len(self.val_d), "device": str(self.dev)}
+        kept = {"best_val_score": self.best, "best_val_dice": self.best_dice}
+        with self.pacer.timed():
+            if self.best_state is not None:
+                weights = {k: v.cpu() for k, v in self.best_state["state"].items()}
+                ck = make_checkpoint(self.model, self.recipe, self.preset, state_dict=weights, **kept, **{**meta, "epoch": self.best_state["epoch"]})
+                atomic_torch_save(ck, self.best_path)
+                self.best_state = None
+            ck = make_checkpoint(
+                self.model, self.recipe, self.preset, optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(), **kept, **meta
+            )
+            atomic_torch_save(ck, self.last_path)
+        write_json(self.history, self.out / "history.json")
+
+    def run(self) -> dict:
+        r, s = self.recipe, self.settings
+        self.restore()
+        write_json(split_record(self.train_items, self.val_items), self.out / "split.json")
+        # Full batches through the compiled step (CUDA graphs need fixed shapes); the last, smaller
+        # one eagerly rather than recording a second graph for it.
+        step = compile_network(self.model.forward_parts, self.dev) if s.compile_model else self.model.forward_parts
+        writer = _tensorboard(self.out / "tensorboard")
+        g = torch.Generator().manual_seed(s.seed + self.start_epoch)
+        bar = tqdm(range(self.start_epoch, r.epochs), desc="train", unit="epoch", disable=not s.progress, initial=self.start_epoch, total=r.epochs)
+        t0 = time.time()
+        for epoch in bar:
+            loss = self.train_epoch(epoch, g, step)
+            rec = {"epoch": epoch + 1, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "time_s": time.time() - t0}
+            rec.update(self.validate())
+            self.history.append(rec)
+            for k, v in rec.items():
+                if k != "epoch" and isinstance(v, float) and math.isfinite(v) and writer:
+                    writer.add_scalar(k, v, epoch + 1)
+            self.keep_if_best(epoch, rec)
+            if self.pacer.due(epoch + 1 == r.epochs):
+                self.save(epoch)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k in ("loss", "val_dice") and v is not None})
+            if s.on_epoch:
+                s.on_epoch(rec)
+        if writer:
+            writer.close()
+        validated = len(self.val_d) > 0
+        summary = {
+            "preset": self.preset,
+            "recipe": r.to_dict(),
+            "device": str(self.dev),
+            "amp_bf16": self.amp,
+            "epochs": r.epochs,
+            "n_train": len(self.train_d),
+            "n_val": len(self.val_d),
+            "best_val_score": self.best if validated else None,
+            "best_val_dice": self.best_dice if validated else None,
+            "train_time_s": time.time() - t0,
+            "checkpoint_writes": self.pacer.writes,
+            "model": str(self.best_path),
+        }
+        write_json(summary, self.out / "summary.json")
+        return summary
 
 
-class _CheckpointPacer:
+class CheckpointPacer:
     """Decides when a checkpoint is worth its cost: after the first epoch, at the end, and
     whenever the time since the last write is at least its cost divided by ``overhead``."""
 
@@ -261,4 +311,5 @@ def train_dataset(
     named = {"epochs": epochs, "batch_size": batch_size, "image_size": image_size, "learning_rate": learning_rate}
     recipe = get_recipe(preset).with_overrides(**{**(overrides or {}), **{k: v for k, v in named.items() if v is not None}})
     train, val = split_cached(load_split(data, "training", recipe.image_size, progress), recipe.val_fraction, seed)
-    return fit(train, val, out, preset, recipe, device, resume, progress=progress, seed=seed, compile_model=compile_model)
+    settings = RunSettings(device=device, seed=seed, resume=resume, progress=progress, compile_model=compile_model)
+    return fit(train, val, out, preset, recipe, settings)
