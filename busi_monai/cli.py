@@ -69,18 +69,28 @@ def cmd_evaluate(a):
 
     tta = {"auto": None, "on": True, "off": False}[a.tta]
     predictor = Predictor(a.model, device=a.device, tta=tta, confidence_gate=a.confidence_gate)
-    res = evaluate(a.model, a.data, a.out, split=a.split, predictor=predictor)
+    res = evaluate(a.model, a.data, a.out, split=a.split, predictor=predictor, clicks=a.clicks)
+    if "clicks" in res:
+        res["clicks"] = {k: v for k, v in res["clicks"].items() if k != "per_image"}
     _print_json({k: v for k, v in res.items() if k != "per_image"})
 
 
 def cmd_infer(a):
     from busi_monai.data.io import read_image, write_array, write_mask
     from busi_monai.inference.predictor import Predictor
+    from busi_monai.interactive.guidance import rowcol_from_xy
 
     pred = Predictor(a.model, device=a.device, confidence_gate=a.confidence_gate)
     out = Path(a.out)
     images = [read_image(p) for p in a.images]
-    for im, p in zip(images, pred.predict(images)):
+    if a.foreground or a.background:
+        if len(images) != 1:
+            raise ValueError("--foreground/--background click on one image; give exactly one")
+        fg, bg = (rowcol_from_xy(_points(v, images[0])) for v in (a.foreground, a.background))
+        predictions = [pred.predict_clicks(images[0], fg, bg)]
+    else:
+        predictions = pred.predict(images)
+    for im, p in zip(images, predictions):
         stem = Path(im.path).name
         for ext in (".nii.gz", ".seg.nrrd", ".nrrd", ".png", ".jpg", ".jpeg", ".dcm", ".nii", ".mha"):
             if stem.lower().endswith(ext):
@@ -91,6 +101,21 @@ def cmd_infer(a):
         if a.probability:
             write_array(p.probability, out / f"{stem}_prob.nii.gz", like=im)
         print(path)
+
+
+def _points(texts: list[str], image) -> list[tuple[float, float]]:
+    """``X,Y`` pixel positions (X the column, Y the row) inside ``image``."""
+    h, w = image.shape
+    out = []
+    for t in texts:
+        try:
+            x, y = (float(v) for v in t.split(","))
+        except ValueError:
+            raise ValueError(f"click {t!r}: expected X,Y (column,row), e.g. 120,84") from None
+        if not (0 <= x < w and 0 <= y < h):
+            raise ValueError(f"click {t!r} lies outside the {w}x{h} image (X is the column, Y the row)")
+        out.append((x, y))
+    return out
 
 
 def _same_format(path: str) -> str:
@@ -155,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--tta", choices=("auto", "on", "off"), default="auto", help="test-time flips (auto: as the recipe says)")
     s.add_argument("--confidence-gate", type=float, help="highest lesion probability below which a mask is left empty (0: off; default: the model's)")
+    s.add_argument("--clicks", type=int, default=0, metavar="N", help="click-guided models: also the click protocol with up to N clicks per lesion image (Dice after each, NoC@85/90)")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("infer", help="lesion masks for images, in each image's own size and geometry")
@@ -165,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--raw", action="store_true", help="write the raw thresholded mask, not the processed one")
     s.add_argument("--probability", action="store_true", help="also write the probability map")
     s.add_argument("--confidence-gate", type=float, help="highest lesion probability below which a mask is left empty (0: off; default: the model's)")
+    s.add_argument("--foreground", action="append", default=[], metavar="X,Y", help="a click inside the lesion (click-guided models; X the column, Y the row); repeatable")
+    s.add_argument("--background", action="append", default=[], metavar="X,Y", help="a click on what is not lesion; repeatable")
     s.add_argument("images", nargs="+")
     s.set_defaults(func=cmd_infer)
 

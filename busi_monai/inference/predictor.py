@@ -17,6 +17,7 @@ from busi_monai.data.io import Image2D, read_image
 from busi_monai.data.preprocessing import preprocess_array, restore_size
 from busi_monai.device import resolve_device
 from busi_monai.inference.postprocessing import processed_mask
+from busi_monai.interactive.guidance import DEFAULT_SIGMA, click_maps, scale_clicks
 from busi_monai.model.checkpoint import load_checkpoint, model_from_checkpoint
 from busi_monai.model.networks import AveragedNetwork
 
@@ -56,6 +57,7 @@ class Predictor:
         self.tta = bool(first.get("recipe", {}).get("tta", False)) if tta is None else tta
         self.amp = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()) if amp is None else amp
         self.batch_size = batch_size
+        self.click_sigma = float(first.get("recipe", {}).get("click_sigma", DEFAULT_SIGMA))
         self.postprocess = postprocess or {}
         self.models = [model_from_checkpoint(ck, self.device, confidence_gate=confidence_gate) for ck in self.checkpoints]
         # One network, or the members' (and flips') mean: the same module the bundle exports.
@@ -70,12 +72,22 @@ class Predictor:
         arr = image.array if isinstance(image, Image2D) else np.asarray(image, np.float32)
         return preprocess_array(arr, self.image_size)
 
-    def forward_probability(self, x: torch.Tensor, mc_dropout: bool = False) -> torch.Tensor:
-        """Mean probability over ensemble members (and flips with TTA) of a (B, 1, S, S) batch."""
+    @property
+    def takes_clicks(self) -> bool:
+        """A click-guided network (``+clicks``): it also reads foreground/background click maps."""
+        return self.network.config.in_channels > 1
+
+    def forward_probability(self, x: torch.Tensor, mc_dropout: bool = False, gated: bool = True) -> torch.Tensor:
+        """Mean probability over ensemble members (and flips with TTA) of a (B, 1, S, S) batch
+        (or (B, 3, S, S) with click maps). ``gated`` False skips the confidence gate."""
         _set_dropout(self.averaged, mc_dropout)
+        net = self.averaged
         try:
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                return torch.sigmoid(self.averaged(x).float())
+                if gated:
+                    return torch.sigmoid(net(x).float())
+                logit = net.forward_ungated(x) if isinstance(net, AveragedNetwork) else net.forward_parts(x)[0]
+                return torch.sigmoid(logit.float())
         finally:
             _set_dropout(self.averaged, False)
 
@@ -98,6 +110,27 @@ class Predictor:
             raw = (prob > self.threshold).astype(np.uint8)
             out.append(Prediction(prob, raw, processed_mask(raw, **self.postprocess)))
         return out
+
+    @torch.no_grad()
+    def predict_clicks(
+        self, image: Image2D | np.ndarray, foreground: list = (), background: list = ()
+    ) -> Prediction:
+        """One image segmented around clicks, given as (row, col) pixels of the image itself.
+
+        The clicks are moved to the network's input size and drawn as the two click maps the
+        network was trained with. A foreground click is the user saying "there is a lesion here",
+        so the confidence gate, which may leave an unsure image empty, is skipped then."""
+        if not self.takes_clicks:
+            raise ValueError(f"{self.paths[0]}: this model does not take clicks (train a '+clicks' network, e.g. --preset interactive)")
+        arr = image.array if isinstance(image, Image2D) else np.asarray(image, np.float32)
+        size = (self.image_size, self.image_size)
+        fg = scale_clicks(list(foreground), arr.shape, size)
+        bg = scale_clicks(list(background), arr.shape, size)
+        maps = torch.from_numpy(click_maps(size, fg, bg, sigma=self.click_sigma)).float()
+        x = torch.cat((self.preprocess(arr), maps))[None].to(self.device)
+        prob = restore_size(self.forward_probability(x, gated=not fg).cpu()[0], arr.shape)[0].numpy().astype(np.float32)
+        raw = (prob > self.threshold).astype(np.uint8)
+        return Prediction(prob, raw, processed_mask(raw, **self.postprocess))
 
     @torch.no_grad()
     def mc_dropout(self, images: list[Image2D | np.ndarray], passes: int = 8) -> torch.Tensor:

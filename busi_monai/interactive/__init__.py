@@ -16,6 +16,14 @@ from .guidance import (
     rowcol_from_xy,
     scale_clicks,
 )
+from .protocol import (
+    ClickEvaluation,
+    clicks_to_reach,
+    dice,
+    evaluate_clicks,
+    plot_dice_vs_clicks,
+    summarize,
+)
 from .simulation import (
     DEFAULT_MAX_DEPTH,
     ProtocolClick,
@@ -25,4 +33,3 @@ from .simulation import (
     sample_initial_clicks,
     simulate_training_clicks,
 )
-from .protocol import ClickEvaluation, clicks_to_reach, dice, evaluate_clicks, plot_dice_vs_clicks, summarize

@@ -91,7 +91,13 @@ class PaperAttentionUNet(nn.Module):
             )
 
     def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The ungated lesion logit and the deep-supervision logits (training only)."""
+        """The ungated lesion logit and the deep-supervision logits (training only).
+
+        A click-guided network (``in_channels`` 3: image, foreground clicks, background clicks)
+        given the image alone gets empty click maps, so it is also the automatic model and every
+        caller that knows nothing of clicks (Grad-CAM, active learning, the bundle) works."""
+        if x.shape[1] < self.config.in_channels:
+            x = torch.cat((x, x.new_zeros((x.shape[0], self.config.in_channels - x.shape[1], *x.shape[2:]))), dim=1)
         skips = []
         for enc in self.encoders:
             x = enc(x)
@@ -127,12 +133,18 @@ def confidence_gated(logit: torch.Tensor, gate: float) -> torch.Tensor:
     return torch.where(keep, logit.float(), torch.full_like(logit, GATED_LOGIT, dtype=torch.float32))
 
 
-NETWORK_OPTIONS = {"ds": "deep_supervision"}
+# Options a network spec can switch on (+) or off (-), e.g. "paper+ds", "fast+clicks".
+NETWORK_OPTIONS = {
+    # deep supervision: auxiliary heads on two coarser decoder stages (training only)
+    "ds": lambda cfg, on: replace(cfg, deep_supervision=on),
+    # click guidance: two more input channels, the foreground- and background-click maps
+    "clicks": lambda cfg, on: replace(cfg, in_channels=3 if on else 1),
+}
 
 
 def network_config(spec: str) -> NetworkConfig:
-    """A named network, optionally with options switched on or off: ``paper+ds``, ``fast-ds``
-    (the one option so far: ``ds``, deep supervision heads on two coarser decoder stages)."""
+    """A named network, optionally with :data:`NETWORK_OPTIONS` switched on or off:
+    ``paper+ds``, ``fast-ds``, ``fast+clicks``."""
     import re
 
     name, *changes = re.split(r"(?=[+-])", spec)
@@ -143,7 +155,7 @@ def network_config(spec: str) -> NetworkConfig:
         option = NETWORK_OPTIONS.get(change[1:])
         if option is None:
             raise ValueError(f"unknown network option {change[1:]!r} in {spec!r}; options: {', '.join(NETWORK_OPTIONS)}")
-        cfg = replace(cfg, **{option: change[0] == "+"})
+        cfg = option(cfg, change[0] == "+")
     return cfg
 
 
@@ -192,13 +204,16 @@ class AveragedNetwork(nn.Module):
         self.flips = flips
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return confidence_gated(self.forward_ungated(x), self.members[0].config.confidence_gate)
+
+    def forward_ungated(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean as a logit, before the confidence gate."""
         probs = []
         for net in self.members:
             probs.append(torch.sigmoid(net.forward_parts(x)[0].float()))
             if self.flips:
                 probs.append(torch.flip(torch.sigmoid(net.forward_parts(torch.flip(x, dims=(-1,)))[0].float()), dims=(-1,)))
-        mean = torch.logit(torch.stack(probs).mean(0), eps=1e-6)
-        return confidence_gated(mean, self.members[0].config.confidence_gate)
+        return torch.logit(torch.stack(probs).mean(0), eps=1e-6)
 
 
 def build_averaged(preset: str | NetworkConfig | dict, members: int, flips: bool = False) -> AveragedNetwork:

@@ -24,6 +24,7 @@ from busi_monai.data.datasets import load_split
 from busi_monai.data.packs import CachedData
 from busi_monai.data.splits import split_cached, split_record
 from busi_monai.device import mixed_precision, resolve_device
+from busi_monai.interactive.simulation import simulate_training_clicks
 from busi_monai.jsonio import write_json
 from busi_monai.model.checkpoint import (
     atomic_torch_save,
@@ -132,6 +133,8 @@ class Trainer:
         self.best_state = None  # the best weights since the last write, kept in memory until the next one
         self.last_path, self.best_path = self.out / "last.pt", self.out / "model.pt"
         self.pacer = CheckpointPacer(settings.checkpoint_overhead)
+        # Clicks are drawn on the CPU, so a seed gives the same clicks on any device.
+        self.click_generator = torch.Generator().manual_seed(settings.seed + 7919)
 
     def restore(self) -> None:
         """``resume``: the optimiser, schedule and history of ``last.pt``; else ``init_checkpoint``'s weights."""
@@ -164,6 +167,8 @@ class Trainer:
             x, y = data.images[idx], data.labels[idx]
             if self.augment is not None:
                 x, y = self.augment(x, y)
+            if self.model.config.in_channels > x.shape[1]:
+                x = self.with_clicks(x, y)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=self.dev.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -175,6 +180,26 @@ class Trainer:
             total += loss.detach() * x.shape[0]
         self.scheduler.step()
         return float(total) / n
+
+    @torch.no_grad()
+    def with_clicks(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The batch with simulated click maps appended (:func:`simulate_training_clicks`): none
+        for a share of it, else a click from the truth and corrective clicks from the model's own
+        errors, predicted in eval mode so that the clicks do not disturb batch-norm statistics."""
+        r, model = self.recipe, self.model
+
+        def predict(inp: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device_type=self.dev.type, dtype=torch.bfloat16, enabled=self.amp):
+                return torch.sigmoid(model.forward_parts(inp)[0].float())
+
+        model.eval()
+        try:
+            clicks = simulate_training_clicks(
+                predict, x, y, generator=self.click_generator, p_no_clicks=r.click_free_fraction, max_rounds=r.click_rounds, sigma=r.click_sigma
+            )
+        finally:
+            model.train()
+        return torch.cat((x, clicks.maps.to(x.dtype)), dim=1)
 
     def validate(self) -> dict:
         """The validation slice's scores (none without one)."""

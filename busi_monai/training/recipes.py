@@ -25,6 +25,12 @@ class Recipe:
     # The network's confidence gate (networks.NetworkConfig): images whose highest lesion
     # probability stays below it get an empty mask. `busi-monai cv` re-chooses it on held-out folds.
     confidence_gate: float = 0.0
+    # Click-guided networks ("+clicks"): the share of each batch trained without clicks (the
+    # automatic model), the most corrective clicks simulated from the model's own errors, and
+    # the click maps' Gaussian sigma in pixels at the network's input size.
+    click_free_fraction: float = 0.3
+    click_rounds: int = 3
+    click_sigma: float = 3.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +84,18 @@ PRESETS: dict[str, Recipe] = {
         lr_schedule="cosine",
         loss="dice_bce",
         val_fraction=0.15,
+    ),
+    # The click-guided model (MONAI Label's DeepGrow/DeepEdit idea): `best`'s recipe on the fast
+    # network with two click-map channels. A share of each batch trains without clicks, so one
+    # network is both the automatic and the click model; the rest gets a click from the truth and
+    # up to `click_rounds` corrective clicks from its own errors. On a GPU at full size:
+    # --set network=paper+clicks --image-size 256.
+    "interactive": Recipe(
+        network="fast+clicks",
+        image_size=128,
+        lr_schedule="cosine",
+        loss="dice_bce",
+        augment="ultrasound",
     ),
 }
 
