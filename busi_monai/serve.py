@@ -75,8 +75,10 @@ def warm_up(
     epochs: int | None = None,
     device: str = "auto",
     max_images: int = WARMUP_MAX_IMAGES,
+    clicks: bool = False,
 ) -> dict:
-    """Train a first small model (the ``warmup`` recipe) on the studies' labelled images and publish it."""
+    """Train a first small model (the ``warmup`` recipe) on the studies' labelled images and publish
+    it; with ``clicks``, its network takes clicks too, so the app's click tool works at once."""
     import random
 
     from busi_monai.data.packs import cache_items
@@ -90,6 +92,8 @@ def warm_up(
     if len(items) > max_images:
         items = random.Random(0).sample(items, max_images)
     recipe = get_recipe(preset).with_overrides(epochs=epochs, image_size=image_size)
+    if clicks and "+clicks" not in recipe.network:
+        recipe = recipe.with_overrides(network=recipe.network + "+clicks")
     image_size = recipe.image_size
     train_items, val_items = split_validation(items, recipe.val_fraction, seed=0)
     run_dir = Path(model_dir) / "runs" / "warmup"
@@ -159,9 +163,11 @@ def main(argv=None) -> int:
     weights = Path(conf["model_dir"]) / MODEL_FILENAME
     if not weights.exists() and not conf.get("bundle") and not a.no_warmup:
         from busi_monai.training.loop import TrainingError
+        from busi_monai.training.recipes import get_recipe
 
         try:
-            s = warm_up(studies, conf["model_dir"], image_size=a.warmup_size, epochs=a.warmup_epochs, device=a.device)
+            clicks = "+clicks" in get_recipe(conf.get("preset") or "paper").network
+            s = warm_up(studies, conf["model_dir"], image_size=a.warmup_size, epochs=a.warmup_epochs, device=a.device, clicks=clicks)
         except TrainingError as e:
             print(f"busi-monai serve: no first model: {e}. Label some images in Slicer and press Train.", flush=True)
         else:

@@ -18,7 +18,6 @@ from busi_monai.interactive.guidance import (
 )
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
     """These tensors are small: a second thread only adds waits when the CPU is shared."""
@@ -275,7 +274,12 @@ def test_simulated_training_clicks_mix_automatic_and_corrected_images():
 
 # --- the evaluation protocol ------------------------------------------------------------------
 
-from busi_monai.interactive.protocol import dice, evaluate_clicks, plot_dice_vs_clicks, summarize  # noqa: E402
+from busi_monai.interactive.protocol import (  # noqa: E402
+    dice,
+    evaluate_clicks,
+    plot_dice_vs_clicks,
+    summarize,
+)
 
 
 def _lesions():

@@ -37,7 +37,7 @@ def source_kind(data: str | Path) -> str:
 
 def load_datalist(data_dir: str | Path) -> dict[str, list[dict]]:
     """``dataset.json`` of a prepared dataset, with absolute paths."""
-    data_dir = Path(data_dir)
+    data_dir = Path(data_dir).resolve()
     path = data_dir / "dataset.json"
     if not path.is_file():
         raise DatasetError(f"{data_dir}: not a prepared dataset (no dataset.json); run `busi-monai prepare` first")

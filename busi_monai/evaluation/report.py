@@ -27,6 +27,7 @@ from busi_monai.figures import (
     mask_overlay,
     pyplot,
 )
+from busi_monai.interactive.protocol import plot_dice_vs_clicks
 
 CLASSES = ("benign", "malignant", "normal")
 COLUMNS = (
@@ -237,8 +238,10 @@ def make_report(
     device: str = "auto",
     predictor=None,
     progress: bool = False,
+    clicks: int = 0,
 ) -> Path:
-    """Evaluate ``model`` on ``data`` and write ``OUT/report.md``, ``report.html`` and PNGs."""
+    """Evaluate ``model`` on ``data`` and write ``OUT/report.md``, ``report.html`` and PNGs
+    (with ``clicks`` and a click-guided model, also Dice against clicks)."""
     from busi_monai.data.datasets import split_items
     from busi_monai.evaluation.evaluate import evaluate, truth_mask
     from busi_monai.inference.predictor import Predictor
@@ -247,7 +250,7 @@ def make_report(
     out.mkdir(parents=True, exist_ok=True)
     predictor = predictor or Predictor(model, device=device)
     layer_name = resolve_layer(predictor.network, layer)
-    summary = evaluate(model, data, out / "metrics.json", split=split, progress=progress, predictor=predictor)
+    summary = evaluate(model, data, out / "metrics.json", split=split, progress=progress, predictor=predictor, clicks=clicks)
     records = summary["per_image"]
     items = {it["image"]: it for it in split_items(data, split)}
 
@@ -270,6 +273,18 @@ def make_report(
                   f"HD95 {_fmt(raw.get('lesion', {}).get('hd95'), 1)} px, normal FP rate {_fmt(raw.get('normal_false_positive_rate'))}.\n")
 
     figures: list[str] = []
+    c = summary.get("clicks")
+    if c and c.get("images"):
+        md.append("## Dice against clicks\n")
+        md.append(
+            f"The click protocol on the {c['images']} lesion images: each click at the centre of the largest error "
+            f"region (inside a missed region, or on a false one). Dice after 0/1/3/{c['max_clicks']} clicks: "
+            + ", ".join(_fmt(c["dice_after"][i]) for i in sorted({0, min(1, c["max_clicks"]), min(3, c["max_clicks"]), c["max_clicks"]}))
+            + f"; clicks to reach Dice 0.85: {_fmt(c['noc_85'], 2)}, 0.90: {_fmt(c['noc_90'], 2)}; "
+            f"{c['failed_90']} images never reach 0.90.\n"
+        )
+        plot_dice_vs_clicks(c, out / "dice_vs_clicks.png", title="Lesion Dice against clicks")
+        md.append("![Dice against clicks](dice_vs_clicks.png)\n")
     md.append("## Training\n")
     hist_path = _history_path(model, run)
     if hist_path is not None and hist_path.is_file():
@@ -364,7 +379,7 @@ def _write_html(md: str, path: Path) -> None:
 
 
 def cmd_report(a):
-    path = make_report(a.model, a.data, a.out, run=a.run, split=a.split, n_cases=a.cases, layer=a.layer, device=a.device)
+    path = make_report(a.model, a.data, a.out, run=a.run, split=a.split, n_cases=a.cases, layer=a.layer, device=a.device, clicks=a.clicks)
     print(path)
 
 
@@ -377,5 +392,6 @@ def register_cli(sub) -> None:
     s.add_argument("--split", default="test")
     s.add_argument("--cases", type=int, default=4, help="best and worst cases shown (each)")
     s.add_argument("--layer", default=None, help=f"Grad-CAM layer (default {DEFAULT_LAYER})")
+    s.add_argument("--clicks", type=int, default=0, metavar="N", help="click-guided models: Dice against up to N clicks per lesion image")
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_report)

@@ -33,3 +33,28 @@ from .simulation import (
     sample_initial_clicks,
     simulate_training_clicks,
 )
+
+__all__ = [
+    "ClickEvaluation",
+    "DEFAULT_MAX_DEPTH",
+    "DEFAULT_SIGMA",
+    "NEGATIVE",
+    "NO_CLICK",
+    "POSITIVE",
+    "ProtocolClick",
+    "SimulatedClicks",
+    "click_maps",
+    "click_maps_batch",
+    "clicks_to_reach",
+    "clicks_to_tensors",
+    "dice",
+    "evaluate_clicks",
+    "plot_dice_vs_clicks",
+    "protocol_click",
+    "rowcol_from_xy",
+    "sample_corrective_clicks",
+    "sample_initial_clicks",
+    "scale_clicks",
+    "simulate_training_clicks",
+    "summarize",
+]

@@ -34,7 +34,7 @@ from lib.activelearning.mc_dropout import (
     TypiClustStrategy,
 )
 from lib.errors import ModelNotAvailable
-from lib.infers.attention_unet import AttentionUNetInfer, GradCamInfer
+from lib.infers.attention_unet import AttentionUNetInfer, ClickInfer, GradCamInfer
 from lib.scoring.mc_dropout import MCDropoutScoring
 from lib.trainers.attention_unet import AttentionUNetTrain
 
@@ -103,6 +103,13 @@ class AppSettings:
     @property
     def recipe(self):
         return get_recipe(self.preset).with_overrides(epochs=self.epochs, image_size=self.image_size)
+
+    @property
+    def takes_clicks(self) -> bool:
+        """The preset trains a click-guided network (``+clicks``), so Slicer gets the click tool too."""
+        from busi_monai.model.networks import network_config
+
+        return network_config(self.recipe.network).in_channels > 1
 
     @property
     def model_path(self) -> str:
@@ -299,10 +306,13 @@ class AttentionUNet(TaskConfig):
         )
 
     def infer(self):
-        return {
+        infers = {
             self.name: AttentionUNetInfer(self.served, self.settings, self.labels),
             f"{self.name}_gradcam": GradCamInfer(self.served, self.settings),
         }
+        if self.settings.takes_clicks:
+            infers[f"{self.name}_clicks"] = ClickInfer(self.served, self.settings, self.labels)
+        return infers
 
     def trainer(self):
         return AttentionUNetTrain(self.served, self.settings)

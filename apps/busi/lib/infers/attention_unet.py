@@ -115,13 +115,16 @@ class AttentionUNetInfer(InferTask):
             raise http_error(503, str(e).replace(self.settings.model_dir, "<model_dir>")) from None
         return image, img, ext, predictor, version
 
+    def predict(self, predictor, img, request):
+        return predictor.predict([img])[0]
+
     def __call__(self, request):
         from busi_monai.data.io import write_mask
 
         t0 = time.time()
         image, img, ext, predictor, version = self._checked_request(request)
         t_pre = time.time()
-        pred = predictor.predict([img])[0]
+        pred = self.predict(predictor, img, request)
         t_infer = time.time()
         mask = pred.mask
         fd, out = tempfile.mkstemp(prefix="busi-result-", suffix=ext)
@@ -163,6 +166,44 @@ class AttentionUNetInfer(InferTask):
             os.path.basename(image), os.path.basename(out), area_px, version.version, predictor.device, t_post - t0,
         )
         return out, params
+
+
+def request_points(request: dict, key: str, shape: tuple[int, int]) -> list[tuple[float, float]]:
+    """A request's click list as (row, col) pixels of the image: Slicer sends each click as the
+    image's IJK index [i, j, k] (i the column, j the row; k the slice, 0 for a 2D image)."""
+    points = request.get(key) or []
+    if not isinstance(points, list) or not all(isinstance(p, (list, tuple)) and len(p) >= 2 for p in points):
+        raise http_error(422, f"{key}: expected a list of [x, y] or [i, j, k] points, got {points!r}"[:200])
+    h, w = shape
+    out = []
+    for p in points:
+        try:
+            x, y = float(p[0]), float(p[1])
+        except (TypeError, ValueError):
+            raise http_error(422, f"{key}: point {p!r} is not numeric"[:200]) from None
+        if not (0 <= x < w and 0 <= y < h):
+            raise http_error(422, f"{key}: point {list(p)} lies outside the {w}x{h} image ([column, row])")
+        out.append((y, x))
+    return out
+
+
+class ClickInfer(AttentionUNetInfer):
+    """Click-guided segmentation (a DeepGrow-type model for Slicer): the served network redraws the
+    outline around the clicks. Slicer's MONAI Label module sends ``foreground`` and ``background``
+    point lists (DeepEdit-style requests name the foreground by the label, ``lesion``); with no
+    clicks it is the automatic model. Listed when the app's preset trains a ``+clicks`` network."""
+
+    def __init__(self, served, settings, labels: dict):
+        super().__init__(served, settings, labels)
+        self.type = InferType.DEEPGROW
+        self.description = f"Click-guided lesion segmentation: click inside what was missed, outside what is wrong (preset {settings.preset}, {settings.device_description()})"
+
+    def predict(self, predictor, img, request):
+        if not predictor.takes_clicks:
+            raise http_error(409, "the served model takes no clicks: train the app's click-guided preset first (Train)")
+        fg = request_points(request, "foreground", img.shape) + request_points(request, "lesion", img.shape)
+        bg = request_points(request, "background", img.shape)
+        return predictor.predict_clicks(img, fg, bg)
 
 
 GRADCAM_LEVELS = 10

@@ -1,0 +1,184 @@
+"""Click-guided segmentation wired through the package: the ``+clicks`` network, the trainer's
+simulated clicks, ``Predictor.predict_clicks`` (clicks in the image's own pixels), ``evaluate
+--clicks`` and ``infer --foreground``. The network is replaced by one that draws a disc around
+each foreground click where a test checks the plumbing (coordinates, scaling, the protocol), so
+the verdict does not depend on how well a small model learned."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from busi_monai.inference.predictor import Predictor
+from busi_monai.model.checkpoint import make_checkpoint
+from busi_monai.model.networks import build_network, network_config
+from busi_monai.training.recipes import get_recipe
+
+SIZE = 32
+
+
+class DiscAroundClicks(torch.nn.Module):
+    """Stands in for a click-guided network: lesion where the foreground-click map is high and the
+    background-click map is not, nothing without clicks."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    def forward_parts(self, x):
+        if x.shape[1] == 1:  # no click maps given: empty ones, as the real network does
+            x = torch.cat((x, torch.zeros_like(x), torch.zeros_like(x)), 1)
+        fg, bg = x[:, 1:2], x[:, 2:3]
+        return 40.0 * (fg - bg - 0.3), []
+
+    def forward(self, x):
+        return self.forward_parts(x)[0]
+
+
+def _click_checkpoint(image_size: int = SIZE, preset: str = "interactive") -> dict:
+    recipe = get_recipe(preset).with_overrides(image_size=image_size, click_sigma=2.0)
+    net = build_network(network_config(recipe.network))
+    return make_checkpoint(net, recipe, preset)
+
+
+def _stub_predictor() -> Predictor:
+    p = Predictor(_click_checkpoint(), device="cpu", amp=False)
+    p.models = [DiscAroundClicks(p.network.config)]
+    p.averaged = p.models[0]
+    return p
+
+
+def test_click_network_without_clicks_is_the_automatic_model():
+    torch.manual_seed(0)
+    net = build_network("fast+clicks").eval()
+    assert net.config.in_channels == 3 and network_config("fast+clicks-clicks").in_channels == 1
+    x = torch.rand(2, 1, SIZE, SIZE)
+    with torch.no_grad():
+        alone = net(x)
+        with_empty_maps = net(torch.cat((x, torch.zeros(2, 2, SIZE, SIZE)), 1))
+        with_a_click = net(torch.cat((x, torch.ones(2, 1, SIZE, SIZE), torch.zeros(2, 1, SIZE, SIZE)), 1))
+    torch.testing.assert_close(alone, with_empty_maps)
+    assert not torch.allclose(alone, with_a_click)
+
+
+def test_training_batches_get_click_maps_inside_the_lesion_reproducibly(tmp_path):
+    from busi_monai.data.packs import CachedData
+    from busi_monai.training.loop import RunSettings, Trainer
+
+    images = torch.rand(8, 1, SIZE, SIZE)
+    labels = torch.zeros(8, 1, SIZE, SIZE)
+    labels[:, :, 8:20, 10:24] = 1
+    data = CachedData(images, labels, [{"id": str(i), "class": "benign"} for i in range(8)])
+    recipe = get_recipe("interactive").with_overrides(image_size=SIZE, click_free_fraction=0.0, click_rounds=0)
+
+    def batch(seed):
+        t = Trainer(data, data.subset([]), tmp_path / str(seed), "interactive", recipe, RunSettings(device="cpu", seed=seed, progress=False, amp=False))
+        return t.with_clicks(images, labels)
+
+    x = batch(0)
+    assert x.shape == (8, 3, SIZE, SIZE)
+    torch.testing.assert_close(x[:, :1], images)
+    fg, bg = x[:, 1], x[:, 2]
+    peaks = fg.flatten(1).argmax(1)
+    rows, cols = peaks // SIZE, peaks % SIZE
+    assert bool(((rows >= 8) & (rows < 20) & (cols >= 10) & (cols < 24)).all()), "a first click lands inside the lesion"
+    assert float(fg.amax()) == pytest.approx(1.0) and float(bg.amax()) == 0.0
+    torch.testing.assert_close(batch(0), x)
+    assert not torch.equal(batch(1), x)
+
+
+def test_interactive_preset_trains_and_its_checkpoint_takes_clicks(sample_dir, tmp_path):
+    from busi_monai.data.datasets import split_items
+    from busi_monai.data.packs import cache_items
+    from busi_monai.training.loop import fit
+
+    data = cache_items(split_items(sample_dir, None)[:12], SIZE, progress=False)
+    recipe = get_recipe("interactive").with_overrides(image_size=SIZE, epochs=1, batch_size=4)
+    fit(data.subset(range(10)), data.subset([10, 11]), tmp_path, "interactive", recipe, device="cpu", progress=False, amp=False)
+    p = Predictor(tmp_path / "model.pt", device="cpu")
+    assert p.takes_clicks
+    image = np.random.default_rng(0).random((50, 70)).astype(np.float32)
+    out = p.predict_clicks(image, foreground=[(20, 30)])
+    assert out.probability.shape == (50, 70) and np.isfinite(out.probability).all()
+
+
+def test_clicks_land_where_they_were_given_in_the_images_own_pixels():
+    p = _stub_predictor()
+    image = np.zeros((120, 300), np.float32)  # not square: each axis has its own scale
+    out = p.predict_clicks(image, foreground=[(90, 250)])  # (row, col)
+    rows, cols = np.nonzero(out.raw_mask)
+    assert rows.size, "a foreground click gives an outline"
+    assert abs(rows.mean() - 90) < 6 and abs(cols.mean() - 250) < 12
+    both = p.predict_clicks(image, foreground=[(90, 250)], background=[(90, 250)])
+    assert not both.raw_mask.any(), "a background click on the same spot removes it"
+    assert not p.predict_clicks(image).raw_mask.any()
+
+
+def test_a_model_without_click_channels_refuses_clicks():
+    p = Predictor(_click_checkpoint(preset="fast"), device="cpu")
+    assert not p.takes_clicks
+    with pytest.raises(ValueError, match="does not take clicks"):
+        p.predict_clicks(np.zeros((40, 40), np.float32), foreground=[(5, 5)])
+
+
+def _disc_dataset(root: Path) -> Path:
+    """A BUSI-layout folder of two lesion images (a disc each) and a normal one."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[:96, :128]
+    for cls, n, centre in (("benign", 1, (40, 50)), ("malignant", 1, (60, 90)), ("normal", 1, None)):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        img = (np.random.default_rng(n).random((96, 128)) * 80).astype(np.uint8)
+        mask = np.zeros((96, 128), np.uint8)
+        if centre:
+            mask[(yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= 14**2] = 255
+        Image.fromarray(img).save(root / cls / f"{cls} ({n}).png")
+        Image.fromarray(mask).save(root / cls / f"{cls} ({n})_mask.png")
+    return root
+
+
+def test_evaluate_by_clicks_reports_dice_after_each_click_and_a_plot(tmp_path):
+    from busi_monai.evaluation.evaluate import evaluate
+
+    data = _disc_dataset(tmp_path / "busi")
+    out = tmp_path / "metrics.json"
+    res = evaluate(None, data, out, predictor=_stub_predictor(), clicks=3, progress=False)
+    c = res["clicks"]
+    assert c["images"] == 2 and c["max_clicks"] == 3 and len(c["dice_after"]) == 4
+    assert c["dice_after"][0] == 0.0, "no clicks, no outline"
+    assert c["dice_after"][1] > 0.5, "one click at the centre of the missed lesion outlines most of it"
+    assert c["dice_after"][3] >= c["dice_after"][1]
+    assert 1 <= c["noc_85"] <= 3 and [r["clicks"][0][:2] for r in c["per_image"]] in ([[40, 50], [60, 90]], [[60, 90], [40, 50]])
+    written = json.loads(out.read_text())
+    assert written["clicks"]["dice_after"] == c["dice_after"]
+    png = out.with_suffix(".clicks.png")
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_by_clicks_needs_a_click_model(tmp_path):
+    from busi_monai.evaluation.evaluate import evaluate
+
+    with pytest.raises(ValueError, match="click-guided"):
+        evaluate(_click_checkpoint(preset="fast"), _disc_dataset(tmp_path / "busi"), clicks=2, progress=False, device="cpu")
+
+
+def test_infer_clicks_on_the_command_line(tmp_path, capsys):
+    from PIL import Image
+
+    from busi_monai.cli import main
+    from busi_monai.model.checkpoint import atomic_torch_save
+
+    model = tmp_path / "clicks.pt"
+    atomic_torch_save(_click_checkpoint(), model)
+    image = tmp_path / "scan.png"
+    Image.fromarray((np.random.default_rng(0).random((60, 80)) * 255).astype(np.uint8)).save(image)
+    rc = main(["infer", "--model", str(model), "--out", str(tmp_path / "out"), "--device", "cpu", "--foreground", "40,20", "--background", "5,5", str(image)])
+    assert rc == 0 and (tmp_path / "out" / "scan_mask.png").is_file()
+    assert np.asarray(Image.open(tmp_path / "out" / "scan_mask.png")).shape == (60, 80)
+    for bad, why in ((["--foreground", "80,20"], "outside the 80x60 image"), (["--foreground", "4;5"], "expected X,Y")):
+        rc = main(["infer", "--model", str(model), "--out", str(tmp_path / "bad"), "--device", "cpu", *bad, str(image)])
+        assert rc == 2 and why in capsys.readouterr().err
