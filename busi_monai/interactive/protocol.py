@@ -94,6 +94,7 @@ def evaluate_clicks(
         fg: list[tuple[int, int]] = []
         bg: list[tuple[int, int]] = []
         made: list[ProtocolClick] = []
+        pred = np.zeros_like(truth)  # replaced by the first prediction, before any click
         for k in range(max_clicks + 1):
             if k > 0:
                 click = protocol_click(pred, truth)

@@ -1,0 +1,118 @@
+"""The app's click tool as Slicer drives it: with a click-guided preset the server lists an
+``attention_unet_clicks`` model of DeepGrow type, takes ``foreground``/``background`` points as
+the image's IJK indices ([i, j, k]: column, row, slice) and answers with the same mask
+``Predictor.predict_clicks`` draws for those clicks in (row, col)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from app_server import AppServer  # noqa: E402
+
+itk = pytest.importorskip("itk")
+pytest.importorskip("monailabel")
+
+CLICKS = "attention_unet_clicks"
+IMAGE_ID = "wide_scan"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(client, image path, checkpoint) of a server whose preset is ``interactive``, serving an
+    untrained click network: its output follows the click maps, which is all these tests need."""
+    import torch
+    from PIL import Image
+
+    from busi_monai.model.checkpoint import atomic_torch_save, make_checkpoint
+    from busi_monai.model.networks import build_network
+    from busi_monai.serve import MODEL_FILENAME
+    from busi_monai.training.recipes import get_recipe
+
+    root = tmp_path_factory.mktemp("busi-app-clicks")
+    studies = root / "studies"
+    studies.mkdir()
+    image = studies / f"{IMAGE_ID}.png"
+    # Not square, so that a swapped row and column would land elsewhere (or outside).
+    Image.fromarray((np.random.default_rng(0).random((90, 160)) * 255).astype(np.uint8)).save(image)
+    torch.manual_seed(0)
+    recipe = get_recipe("interactive").with_overrides(image_size=64)
+    net = build_network(recipe.network).eval()
+    # Centre the untrained logits on 0 for this image and these clicks, so that about half the
+    # pixels are lesion: a mask that is neither empty nor full, and that moves with the clicks.
+    from busi_monai.data.preprocessing import preprocess_array
+    from busi_monai.interactive.guidance import click_maps, scale_clicks
+
+    x = preprocess_array(np.asarray(Image.open(image), np.float32), 64)
+    maps = click_maps((64, 64), scale_clicks([(30, 120)], (90, 160), (64, 64)), scale_clicks([(70, 20)], (90, 160), (64, 64)), recipe.click_sigma)
+    with torch.no_grad():
+        logit = net(torch.cat((x, torch.from_numpy(maps).float()))[None])
+        net.head.conv.bias -= logit.median()
+    ckpt = make_checkpoint(net, recipe, "interactive")
+    (root / "model").mkdir()
+    atomic_torch_save(ckpt, root / "model" / MODEL_FILENAME)
+    srv = AppServer(studies, root / "model", workdir=root / "server", conf={"preset": "interactive", "device": "cpu"})
+    srv.start()
+    try:
+        yield srv.client(), image, ckpt
+    finally:
+        srv.stop()
+
+
+def _mask(path) -> np.ndarray:
+    return itk.array_from_image(itk.imread(str(path))).squeeze()
+
+
+def test_info_lists_the_click_model_as_deepgrow(served):
+    client, _, _ = served
+    models = client.info()["models"]
+    assert CLICKS in models and "attention_unet" in models
+    assert models[CLICKS]["type"] == "deepgrow" and models[CLICKS]["dimension"] == 2
+    assert models[CLICKS]["labels"] == {"lesion": 1}
+
+
+def test_clicks_as_slicer_sends_them_give_the_predictors_mask(served):
+    from busi_monai.data.io import read_image
+    from busi_monai.inference.predictor import Predictor
+
+    client, image, ckpt = served
+    fg, bg = [[120, 30, 0]], [[20, 70, 0]]  # [i, j, k]: column, row, slice
+    result, params = client.infer(CLICKS, IMAGE_ID, {"foreground": fg, "background": bg, "result_extension": ".nrrd"})
+    served_mask = _mask(result)
+    assert served_mask.shape == (90, 160)
+    local = Predictor(ckpt, device="cpu")
+    img = read_image(image)
+    expected = local.predict_clicks(img, foreground=[(30, 120)], background=[(70, 20)]).mask
+    elsewhere = local.predict_clicks(img, foreground=[(70, 30)], background=[(20, 140)]).mask
+    assert expected.any() and not expected.all(), "a mask that is all or nothing would make the comparison vacuous"
+    np.testing.assert_array_equal(served_mask, expected)
+    assert not np.array_equal(expected, elsewhere), "where the clicks are changes the mask"
+    assert params["lesion_area_px"] == int(expected.sum())
+    # DeepEdit-style requests name the foreground by its label.
+    result2, _ = client.infer(CLICKS, IMAGE_ID, {"lesion": fg, "background": bg, "result_extension": ".nrrd"})
+    np.testing.assert_array_equal(_mask(result2), expected)
+
+
+@pytest.mark.parametrize(
+    ("params", "why"),
+    [
+        ({"foreground": [[160, 10, 0]]}, "outside the 160x90 image"),
+        ({"foreground": [[5, 95, 0]]}, "outside the 160x90 image"),
+        ({"foreground": "120,30"}, "expected a list"),
+        ({"background": [["a", "b"]]}, "not numeric"),
+    ],
+)
+def test_bad_clicks_get_a_4xx_naming_the_problem_and_the_server_keeps_serving(served, params, why):
+    from monailabel.client.client import MONAILabelClientException
+
+    client, _, _ = served
+    with pytest.raises(MONAILabelClientException) as e:
+        client.infer(CLICKS, IMAGE_ID, {**params, "result_extension": ".nrrd"})
+    assert "422" in str(e.value) and why in str(e.value)
+    result, _ = client.infer(CLICKS, IMAGE_ID, {"foreground": [[120, 30, 0]], "result_extension": ".nrrd"})
+    assert _mask(result).shape == (90, 160)
