@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-
-class ModelNotAvailable(RuntimeError):
-    """No weights to serve yet (no published model and no bundle)."""
+from busi_monai.inference.served import ModelNotAvailable  # noqa: F401 (the app's tasks raise it)
 
 
 def http_error(status: int, msg: str) -> Exception:
