@@ -85,8 +85,10 @@ def warm_up(
     from busi_monai.data.splits import split_validation
     from busi_monai.training.loop import TrainingError, fit
     from busi_monai.training.recipes import get_recipe
+    from busi_monai.training.runs import usable_items
 
-    items = labelled_items(studies)
+    # Readable pairs with their class, so the validation slice holds lesion and normal images alike.
+    items, _ = usable_items(labelled_items(studies))
     if not items:
         raise TrainingError(f"{studies}: no labelled images (labels/final) to train a first model on")
     if len(items) > max_images:

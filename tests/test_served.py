@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from busi_monai.inference.served import ModelNotAvailable, ServedModel
-from busi_monai.model.checkpoint import CheckpointError, atomic_torch_save, make_checkpoint
+from busi_monai.model.checkpoint import (
+    CheckpointError,
+    atomic_torch_save,
+    make_checkpoint,
+)
 from busi_monai.model.networks import build_network
 from busi_monai.training.recipes import get_recipe
 

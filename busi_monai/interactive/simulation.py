@@ -127,12 +127,29 @@ def label_regions(mask: torch.Tensor) -> torch.Tensor:
 def _largest_regions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The largest region of each image of ``mask`` (N, H, W) as a mask, and its size (N,)."""
     n, h, w = mask.shape
+    if mask.device.type == "cpu":
+        return _largest_regions_scipy(mask)
     lab = label_regions(mask).flatten(1)
     gid = torch.where(lab > 0, lab + torch.arange(n, device=mask.device).view(n, 1) * (h * w), 0)
     sizes = torch.bincount(gid.flatten(), minlength=n * h * w + 1)[gid] * (lab > 0)
     best = sizes.argmax(dim=1, keepdim=True)  # ties: the first in raster order
     region = (lab == lab.gather(1, best)) & (lab > 0)
     return region.view(n, h, w), sizes.gather(1, best)[:, 0]
+
+
+def _largest_regions_scipy(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_largest_regions` on the CPU with scipy's labelling, many times faster there than
+    the propagation rounds; the same regions (ties: the region reached first in raster order)."""
+    masks = mask.bool().numpy()
+    regions = np.zeros_like(masks)
+    sizes = np.zeros(len(masks), dtype=np.int64)
+    for i, m in enumerate(masks):
+        lab, count = ndimage.label(m, structure=_EIGHT)
+        if count:
+            counts = np.bincount(lab.ravel())[1:]
+            best = int(np.argmax(counts))  # labels follow raster order: the first largest
+            regions[i], sizes[i] = lab == best + 1, counts[best]
+    return torch.from_numpy(regions), torch.from_numpy(sizes)
 
 
 def _sample_pixels(weights: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:

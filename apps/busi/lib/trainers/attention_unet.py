@@ -14,10 +14,8 @@ at a time per model folder: a lock file refuses a second one, whichever way it w
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
-import shutil
 import time
 
 from filelock import FileLock, Timeout
@@ -29,9 +27,7 @@ from busi_monai.serve import STATS_FILENAME
 
 logger = logging.getLogger(__name__)
 
-KEEP_RUNS = 3
 LOCK_FILENAME = ".train.lock"
-FINGERPRINT_FILENAME = "request.json"
 
 
 def _first(v):
@@ -40,11 +36,6 @@ def _first(v):
 
 def _yes(v) -> bool:
     return str(_first(v)).lower() not in ("false", "0", "no", "none", "off")
-
-
-def _stamp(path: str) -> list:
-    st = os.stat(path)
-    return [os.path.basename(path), st.st_size, st.st_mtime_ns]
 
 
 def _num(req: dict, key: str, cast, default, minimum=None, maximum=None):
@@ -112,24 +103,6 @@ class AttentionUNetTrain(TrainTask):
             stats["warnings"] = [f"non-finite value shown as null: {k}" for k in replaced[:10]]
         return stats
 
-    # ------------------------------------------------------------------------------------
-    def _datalist(self, datastore: Datastore) -> tuple[list[dict], list[str]]:
-        """Labelled (image, final label) pairs that can be read and match; problems listed."""
-        from busi_monai.data.io import BusiInputError, read_image, read_mask
-
-        items, problems = [], []
-        for it in datastore.datalist():
-            try:
-                shape = read_image(it["image"]).shape
-                mask = read_mask(it["label"], expected_shape=shape)
-            except BusiInputError as e:
-                problems.append(str(e))
-                continue
-            # The class stratifies the validation slice, so that it holds lesion images as well as normal ones.
-            cls = "lesion" if mask.any() else "normal"
-            items.append({"image": it["image"], "label": it["label"], "id": os.path.basename(it["image"]).split(".")[0], "class": cls})
-        return items, problems
-
     def __call__(self, request, datastore: Datastore):
         from busi_monai.training.loop import TrainingError
 
@@ -146,89 +119,85 @@ class AttentionUNetTrain(TrainTask):
         finally:
             lock.release()
 
-    def _resumable_run(self, fingerprint: dict) -> str | None:
-        """The newest unfinished run with the same settings and labels that saved an epoch."""
-        root = os.path.join(self.settings.model_dir, "runs")
-        if not os.path.isdir(root):
+    def _recipe(self, req: dict):
+        """The recipe a Train request asks for: the app's preset with Slicer's options applied."""
+        from busi_monai.training.loop import TrainingError
+
+        base = self.settings.recipe
+        size = _num(req, "image_size", int, base.image_size, 32, 2048)
+        if size % 16:
+            raise TrainingError(f"image_size {size}: must be a multiple of 16 (the network pools four times)")
+        return base.with_overrides(
+            epochs=_num(req, "max_epochs", int, base.epochs, 1),
+            batch_size=_num(req, "train_batch_size", int, base.batch_size, 1),
+            learning_rate=_num(req, "learning_rate", float, base.learning_rate, 0.0),
+            val_fraction=_num(req, "val_split", float, base.val_fraction, 0.0, 0.9),
+            image_size=size,
+        )
+
+    def _items(self, datastore: Datastore) -> tuple[list[dict], list[str]]:
+        from busi_monai.training.loop import TrainingError
+        from busi_monai.training.runs import usable_items
+
+        items, problems = usable_items(datastore.datalist())
+        for p in problems:
+            logger.warning("skipping a labelled image: %s", p)
+        if not items:
+            why = f" ({len(problems)} labelled image(s) could not be used: {problems[0]})" if problems else ""
+            raise TrainingError("no labelled images to train on: save at least one final label (Slicer: Submit Label) first" + why)
+        return items, problems
+
+    def _run_dir(self, fp: dict, resume: bool) -> tuple[str, int]:
+        """A killed run with the same settings and labels goes on (its epoch returned); else a new run."""
+        from busi_monai.model.checkpoint import load_checkpoint
+        from busi_monai.training.runs import new_run, resumable_run
+
+        found = resumable_run(self.settings.model_dir, fp) if resume else None
+        if found is None:
+            return str(new_run(self.settings.model_dir, fp)), 0
+        resumed_from = int(load_checkpoint(found / "last.pt")["epoch"]) + 1
+        logger.info("attention_unet: resuming the interrupted run %s after epoch %d", found.name, resumed_from)
+        (found / "init.pt").unlink(missing_ok=True)  # the killed run's starting weights, not needed now
+        return str(found), resumed_from
+
+    def _init_weights(self, run_dir: str) -> str | None:
+        """The served weights as the starting point (MONAI Label's "pretrained"), saved in the run."""
+        import torch
+
+        ck = self.served.init_checkpoint()
+        if ck is None:
             return None
-        for run_id in sorted(os.listdir(root), reverse=True):
-            d = os.path.join(root, run_id)
-            if os.path.isfile(os.path.join(d, "train_stats.json")) or not os.path.isfile(os.path.join(d, "last.pt")):
-                continue
-            try:
-                with open(os.path.join(d, FINGERPRINT_FILENAME)) as f:
-                    if json.load(f) == fingerprint:
-                        return run_id
-            except (OSError, ValueError):
-                continue
-        return None
+        init = os.path.join(run_dir, "init.pt")
+        torch.save(ck, init)
+        logger.info("attention_unet: starting from the current weights (%s)", ck.get("source", "bundle"))
+        return init
 
     def _train(self, request, datastore: Datastore):
         from busi_monai.data.packs import cache_items
         from busi_monai.data.splits import split_validation
         from busi_monai.serve import MODEL_FILENAME, publish_model
-        from busi_monai.training.loop import TrainingError, fit
+        from busi_monai.training.loop import fit
+        from busi_monai.training.runs import fingerprint, prune_runs
 
         req = {**self.config(), **(request or {})}
         logger.info("attention_unet train request: %s", {k: v for k, v in req.items() if k != "local_rank"})
-        base = self.settings.recipe
-        epochs = _num(req, "max_epochs", int, base.epochs, 1)
-        batch = _num(req, "train_batch_size", int, base.batch_size, 1)
-        lr = _num(req, "learning_rate", float, base.learning_rate, 0.0)
-        val_split = _num(req, "val_split", float, base.val_fraction, 0.0, 0.9)
-        size = _num(req, "image_size", int, base.image_size, 32, 2048)
+        recipe = self._recipe(req)
         seed = _num(req, "seed", int, 0)
         device = str(_first(req.get("device")) or self.settings.device)
         if device not in ("auto", "cpu") and not device.startswith("cuda"):
             device = "auto"  # e.g. a GPU's name, as MONAI Label's own trainers list them
-        if size % 16:
-            raise TrainingError(f"image_size {size}: must be a multiple of 16 (the network pools four times)")
-        recipe = base.with_overrides(epochs=epochs, batch_size=batch, learning_rate=lr, val_fraction=val_split, image_size=size)
-
-        items, problems = self._datalist(datastore)
-        for p in problems:
-            logger.warning("skipping a labelled image: %s", p)
-        if not items:
-            why = f" ({len(problems)} labelled image(s) could not be used: {problems[0]})" if problems else ""
-            raise TrainingError(
-                "no labelled images to train on: save at least one final label (Slicer: Submit Label) first" + why
-            )
-
-        # Same settings and the same label files (name, size, mtime): a killed run of it can go on.
-        fingerprint = json.loads(json.dumps({
-            "preset": self.settings.preset, "recipe": recipe.to_dict(), "seed": seed, "device": device,
-            "pretrained": str(_first(req.get("pretrained", True))).lower(),
-            "labels": sorted([it["id"], *_stamp(it["label"])] for it in items),
-        }, default=str))  # fmt: skip
-        resume_run = self._resumable_run(fingerprint) if _yes(req.get("resume", True)) else None
-        run_id = resume_run or datetime.datetime.now().strftime("%Y%m%d_%H%M%S_%f")
-        run_dir = os.path.join(self.settings.model_dir, "runs", run_id)
-        os.makedirs(run_dir, exist_ok=True)
-        resumed_from = 0
-        if resume_run:
-            from busi_monai.model.checkpoint import load_checkpoint
-
-            resumed_from = int(load_checkpoint(os.path.join(run_dir, "last.pt"))["epoch"]) + 1
-            logger.info("attention_unet: resuming the interrupted run %s after epoch %d", run_id, resumed_from)
-            stale_init = os.path.join(run_dir, "init.pt")  # the killed run's starting weights, not needed now
-            if os.path.exists(stale_init):
-                os.unlink(stale_init)
-        else:
-            write_json(fingerprint, os.path.join(run_dir, FINGERPRINT_FILENAME))
-        train_items, val_items = split_validation(items, val_split, seed)
+        pretrained = _yes(req.get("pretrained", True))
+        items, problems = self._items(datastore)
+        fp = fingerprint(self.settings.preset, recipe, seed, device, pretrained, items)
+        run_dir, resumed_from = self._run_dir(fp, _yes(req.get("resume", True)))
+        run_id = os.path.basename(run_dir)
+        epochs = recipe.epochs
+        train_items, val_items = split_validation(items, recipe.val_fraction, seed)
         logger.info(
             "attention_unet: training on %d labelled images (%d train, %d validation), %d epochs, batch %d, lr %g, %dpx, device %s -> runs/%s",
-            len(items), len(train_items), len(val_items), epochs, batch, lr, size, device, run_id,
+            len(items), len(train_items), len(val_items), epochs, recipe.batch_size, recipe.learning_rate, recipe.image_size, device, run_id,
         )
-        init = None
-        if not resume_run and _yes(req.get("pretrained", True)):
-            ck = self.served.init_checkpoint()
-            if ck is not None:
-                import torch
-
-                init = os.path.join(run_dir, "init.pt")
-                torch.save(ck, init)
-                logger.info("attention_unet: starting from the current weights (%s)", ck.get("source", "bundle"))
+        init = self._init_weights(run_dir) if not resumed_from and pretrained else None
 
         start_ts = time.time()
         stats = {
@@ -246,11 +215,11 @@ class AttentionUNetTrain(TrainTask):
             logger.info("attention_unet epoch %d/%d: %s", rec["epoch"], epochs, {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items() if k != "epoch"})
             write_json(stats, os.path.join(run_dir, "progress.json"))
 
-        train = cache_items(train_items, size, progress=False)
-        val = cache_items(val_items, size, progress=False)
+        train = cache_items(train_items, recipe.image_size, progress=False)
+        val = cache_items(val_items, recipe.image_size, progress=False)
         summary = fit(
             train, val, run_dir, preset=self.settings.preset, recipe=recipe, device=device,
-            init_checkpoint=init, progress=False, seed=seed, on_epoch=on_epoch, resume=bool(resume_run),
+            init_checkpoint=init, progress=False, seed=seed, on_epoch=on_epoch, resume=bool(resumed_from),
         )
         if init and os.path.exists(init):
             os.unlink(init)
@@ -284,12 +253,6 @@ class AttentionUNetTrain(TrainTask):
         stats.pop("current_time", None)
         write_json(stats, os.path.join(run_dir, "train_stats.json"))
         write_json(stats, self.settings.stats_path)
-        self._prune_runs()
+        prune_runs(self.settings.model_dir)
         logger.info("attention_unet: published %s (version %s, best val Dice %s) in %s", published, stats["model_version"], best, stats["total_time"])
         return stats
-
-    def _prune_runs(self):
-        root = os.path.join(self.settings.model_dir, "runs")
-        runs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        for d in runs[:-KEEP_RUNS]:
-            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
