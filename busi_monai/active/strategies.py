@@ -21,6 +21,9 @@ bottleneck features into ``labelled + K`` clusters; each pick is the most typica
 neighbourhood) of the largest cluster with the fewest labels, so the batch covers the common
 kinds of image before the odd ones, with no uncertainty at all.
 
+``in_order`` is no strategy at all: the next images in the pool's stored order, the baseline
+of a clinician labelling the whole list.
+
 ``oracle`` and ``oracle_lesions`` exist only in the simulator, as references: they ask for the
 images the current model gets most wrong *by their true masks* (lowest Dice; for ``oracle`` a
 normal image with a false outline scores 0, ``oracle_lesions`` asks for lesion images only),
@@ -51,6 +54,8 @@ ORACLE_LESIONS = "oracle_lesions"
 # The app's default: best of random / bald_diverse / typiclust on paired seeds, if within their
 # spread (README, active learning); it rarely picks near-duplicates and needs no dropout passes.
 DEFAULT_STRATEGY = "typiclust"
+# The baseline without active learning: the unlabelled images in the pool's stored order.
+IN_ORDER = "in_order"
 DIVERSITY_POOL = 3  # bald_diverse draws its K picks from the 3K most uncertain images
 
 
@@ -343,6 +348,8 @@ SELECTORS: dict[str, Callable[[Pool], Selection]] = {
     "tta": lambda pool: _ranked(pool, uncertainty_scores(tta_probabilities(pool.predictor, pool.images))["bald"]),
     "bald_diverse": _diverse,
     "typiclust": _typical,
+    # No active learning: the pool in its stored order (a clinician working down the list).
+    IN_ORDER: lambda pool: Selection(list(range(pool.k)), None),
     ORACLE: _oracle(lesions_only=False),
     ORACLE_LESIONS: _oracle(lesions_only=True),
 }

@@ -66,12 +66,18 @@ def summarize(dice_after: np.ndarray) -> dict[str, Any]:
 
 
 def evaluate_clicks(
-    predict: Predictor, images: Sequence[Any], truths: Sequence[np.ndarray], max_clicks: int = 20, threshold: float = 0.5
+    predict: Predictor,
+    images: Sequence[Any],
+    truths: Sequence[np.ndarray],
+    max_clicks: int = 20,
+    threshold: float = 0.5,
+    stop_at: float | None = None,
+    allow_empty: bool = False,
 ) -> ClickEvaluation:
     """Run the click protocol on lesion images.
 
-    Once a prediction equals the truth no more clicks are made and its Dice stands for the
-    remaining click counts (``predict`` is not called again).
+    Once a prediction equals the truth (or its Dice reaches ``stop_at``) no more clicks are
+    made and its Dice stands for the remaining click counts (``predict`` is not called again).
 
     Args:
         predict: ``predict(image, fg_clicks, bg_clicks)`` -> foreground probability map of the
@@ -80,6 +86,11 @@ def evaluate_clicks(
         truths: lesion masks (H, W), each with some foreground.
         max_clicks: N, the most clicks per image.
         threshold: a pixel is foreground where the probability is > threshold.
+        stop_at: stop clicking an image once its Dice reaches this (a user who is satisfied
+            stops; None: click until perfect or ``max_clicks``).
+        allow_empty: accept empty truths (normal images): every click is then a negative one
+            on a false outline, and Dice is 1 once the prediction is empty, 0 before. For
+            costing a label (:mod:`busi_monai.active.effort`), not for the protocol's NoC figures.
     """
     if len(images) != len(truths):
         raise ValueError(f"{len(images)} images but {len(truths)} truths")
@@ -89,7 +100,7 @@ def evaluate_clicks(
     all_clicks: list[list[ProtocolClick]] = []
     for i, (image, truth) in enumerate(zip(images, truths)):
         truth = np.asarray(truth) > 0.5
-        if not truth.any():
+        if not truth.any() and not allow_empty:
             raise ValueError(f"truth {i} is empty: the click protocol runs on lesion images only")
         fg: list[tuple[int, int]] = []
         bg: list[tuple[int, int]] = []
@@ -108,6 +119,9 @@ def evaluate_clicks(
                 raise ValueError(f"predict returned shape {prob.shape} for a truth of shape {truth.shape}")
             pred = prob > threshold
             scores[i, k] = dice(pred, truth)
+            if stop_at is not None and scores[i, k] >= stop_at:
+                scores[i, k:] = scores[i, k]
+                break
         all_clicks.append(made)
     return ClickEvaluation(scores, all_clicks, summarize(scores))
 
