@@ -1,5 +1,6 @@
 """The busi-monai command line as a user runs it: real files in, masks with their geometry out."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,15 @@ def test_errors_are_messages_not_tracebacks(trained_model, tmp_path, capsys):
         assert main(args) == 2, args
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, err
+
+
+def test_train_precision_is_chosen_on_the_command_line(prepared_sample, tmp_path, capsys):
+    """bf16 or fp32 is a run setting (recorded in the summary), whatever the CPU does natively."""
+    from busi_monai.cli import main
+
+    for precision, bf16 in (("fp32", False), ("bf16", True)):
+        out = tmp_path / precision
+        args = ["train", "--data", str(prepared_sample), "--out", str(out), "--preset", "fast", "--epochs", "1", "--image-size", "32", "--device", "cpu"]
+        assert main([*args, "--precision", precision]) == 0
+        capsys.readouterr()
+        assert json.loads((out / "summary.json").read_text())["amp_bf16"] is bf16

@@ -328,6 +328,7 @@ def train_dataset(
     seed: int = 0,
     compile_model: bool = False,
     overrides: dict | None = None,
+    amp: bool | None = None,
 ) -> dict:
     """Train on a prepared dataset (directory with dataset.json) or a pack (.npz).
 
@@ -336,5 +337,5 @@ def train_dataset(
     named = {"epochs": epochs, "batch_size": batch_size, "image_size": image_size, "learning_rate": learning_rate}
     recipe = get_recipe(preset).with_overrides(**{**(overrides or {}), **{k: v for k, v in named.items() if v is not None}})
     train, val = split_cached(load_split(data, "training", recipe.image_size, progress), recipe.val_fraction, seed)
-    settings = RunSettings(device=device, seed=seed, resume=resume, progress=progress, compile_model=compile_model)
+    settings = RunSettings(device=device, seed=seed, resume=resume, progress=progress, compile_model=compile_model, amp=amp)
     return fit(train, val, out, preset, recipe, settings)
