@@ -33,7 +33,9 @@ from busi_monai.model.checkpoint import (
 from busi_monai.model.networks import build_network, network_config
 from busi_monai.training.augmentation import augmentation
 from busi_monai.training.losses import make_loss
+from busi_monai.training.optimizers import make_optimizer
 from busi_monai.training.recipes import Recipe, get_recipe
+from busi_monai.training.sampling import make_sampler
 from busi_monai.training.schedules import make_scheduler
 from busi_monai.training.validation import predict_cached, quick_scores
 
@@ -120,8 +122,8 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        # fused Adam: one kernel per step instead of several per parameter tensor (CUDA only).
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay, fused=dev.type == "cuda")
+        self.optimizer = make_optimizer(recipe, self.model.parameters(), dev)
+        self.sampler = make_sampler(recipe, train.labels)
         self.scheduler = make_scheduler(recipe, self.optimizer, recipe.epochs)
         self.loss_fn = make_loss(recipe, self.model.config.deep_supervision)
         self.augment = augmentation(recipe.augment)
@@ -160,7 +162,7 @@ class Trainer:
         perm = torch.randperm(n, generator=generator)
         total = torch.zeros((), device=self.dev)  # summed on the device: no host sync per step
         for s in range(math.ceil(n / r.batch_size)):
-            idx = perm[s * r.batch_size : (s + 1) * r.batch_size].to(self.dev)
+            idx = self.sampler.batch(perm, s, r.batch_size).to(self.dev)
             x, y = data.images[idx], data.labels[idx]
             if self.augment is not None:
                 x, y = self.augment(x, y)
