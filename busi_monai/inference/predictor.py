@@ -53,10 +53,17 @@ class Predictor:
                 raise ValueError(f"{p}: ensemble members need the same image size")
         self.threshold = float(first.get("threshold", 0.5))
         self.preset = first.get("preset")
-        self.tta = bool(first.get("recipe", {}).get("tta", False)) if tta is None else tta
+        recipe = first.get("recipe", {})
+        # The geometry the network was trained in (older checkpoints: stretched to square).
+        self.pad_square = bool(recipe.get("pad_square", False))
+        for p, ck in zip(paths, self.checkpoints):
+            if bool(ck.get("recipe", {}).get("pad_square", False)) != self.pad_square:
+                raise ValueError(f"{p}: ensemble members need the same geometry (pad_square)")
+        self.tta = bool(recipe.get("tta", False)) if tta is None else tta
         self.amp = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()) if amp is None else amp
         self.batch_size = batch_size
-        self.postprocess = postprocess or {}
+        # The recipe's post-processing unless the caller says otherwise.
+        self.postprocess = {"largest_only": bool(recipe.get("largest_component", False)), **(postprocess or {})}
         self.models = [model_from_checkpoint(ck, self.device, confidence_gate=confidence_gate) for ck in self.checkpoints]
         # One network, or the members' (and flips') mean: the same module the bundle exports.
         single = len(self.models) == 1 and not self.tta
@@ -68,7 +75,7 @@ class Predictor:
 
     def preprocess(self, image: Image2D | np.ndarray) -> torch.Tensor:
         arr = image.array if isinstance(image, Image2D) else np.asarray(image, np.float32)
-        return preprocess_array(arr, self.image_size)
+        return preprocess_array(arr, self.image_size, self.pad_square)
 
     def forward_probability(self, x: torch.Tensor, mc_dropout: bool = False) -> torch.Tensor:
         """Mean probability over ensemble members (and flips with TTA) of a (B, 1, S, S) batch."""
@@ -94,7 +101,7 @@ class Predictor:
         out = []
         for im, p in zip(loaded, small):
             shape = im.shape if isinstance(im, Image2D) else np.asarray(im).shape
-            prob = restore_size(p, shape)[0].numpy().astype(np.float32)
+            prob = restore_size(p, shape, self.pad_square)[0].numpy().astype(np.float32)
             raw = (prob > self.threshold).astype(np.uint8)
             out.append(Prediction(prob, raw, processed_mask(raw, **self.postprocess)))
         return out

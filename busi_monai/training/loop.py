@@ -312,6 +312,6 @@ def train_dataset(
     """
     named = {"epochs": epochs, "batch_size": batch_size, "image_size": image_size, "learning_rate": learning_rate}
     recipe = get_recipe(preset).with_overrides(**{**(overrides or {}), **{k: v for k, v in named.items() if v is not None}})
-    train, val = split_cached(load_split(data, "training", recipe.image_size, progress), recipe.val_fraction, seed)
+    train, val = split_cached(load_split(data, "training", recipe.image_size, progress, recipe.pad_square), recipe.val_fraction, seed)
     settings = RunSettings(device=device, seed=seed, resume=resume, progress=progress, compile_model=compile_model)
     return fit(train, val, out, preset, recipe, settings)
