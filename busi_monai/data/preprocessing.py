@@ -94,7 +94,7 @@ def square_box(shape: tuple[int, int], image_size: int) -> tuple[int, int, int, 
     The same arithmetic as MONAI's ``Resize(size_mode="longest")`` and symmetric ``SpatialPad``.
     """
     scale = image_size / max(shape)
-    h, w = (int(round(s * scale)) for s in shape)
+    h, w = (round(s * scale) for s in shape)
     return (image_size - h) // 2, (image_size - w) // 2, h, w
 
 
