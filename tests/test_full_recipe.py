@@ -194,6 +194,16 @@ def _script():
     return mod
 
 
+def test_gpu_script_schedule_rule():
+    mod = _script()
+    rates = {4: 500.0, 8: 900.0, 16: 1000.0, 32: 1050.0}
+    plan = mod.choose(rates, 1000.0, n_train=400, runs=5, train_s=300.0, max_epochs=300)
+    assert plan["batch_size"] == 8  # the smallest within 85% of the best rate
+    assert plan["epochs"] == math.floor(mod.SAFETY * 60.0 * 1000.0 / 400)
+    assert mod.choose(rates, 1000.0, 400, 5, 1e6, 300)["epochs"] == 300  # never past the preset's
+    assert mod.choose(rates, 1000.0, 400, 5, -5.0, 300)["epochs"] == 1
+
+
 def test_gpu_script_fails_fast_on_missing_inputs(tmp_path):
     mod = _script()
     with pytest.raises(SystemExit, match="no such pack"):

@@ -415,6 +415,8 @@ def main(argv=None) -> int:
         fold_times.append(time.perf_counter() - t)
         rec = json.loads((cv_dir / f"fold{f}" / "fold.json").read_text())
         say(f"fold {f}: held-out Dice {rec['held_out_dice']}, normal FP {rec['held_out_normal_fp']} ({fold_times[-1]:.0f} s)")
+        result.setdefault("folds_so_far", []).append(rec)  # kept in --out even if a later stage runs out of time
+        write_json(result, out / "result.json")
     timings["folds_s"] = fold_times
     t = time.perf_counter()
     cv = cross_validate(pack, cv_dir, a.preset, a.folds, device=str(dev), seed=a.seed, progress=False, overrides=overrides, skip_training=True)
