@@ -48,7 +48,7 @@ def cmd_pack(a):
         for it in lists["test"]:
             img = read_image(it["image"])
             originals.append((img.array, read_mask(it["label"], expected_shape=img.shape)))
-    save_pack(cache_items(items, a.image_size), a.out, originals)
+    save_pack(cache_items(items, a.image_size, pad_square=a.pad_square), a.out, originals)
     print(f"wrote {a.out} ({len(items)} images at {a.image_size}px, {len(originals)} full-size test images)")
 
 
@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--image-size", type=int, default=256)
     s.add_argument("--with-test-originals", action="store_true", help="also store the test split at full size")
+    s.add_argument("--pad-square", action="store_true", help="keep each image's aspect ratio: pad to square (recipe pad_square=true)")
     s.set_defaults(func=cmd_pack)
 
     s = sub.add_parser("train", help="train a preset on a prepared dataset")

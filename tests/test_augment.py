@@ -47,4 +47,4 @@ def test_unknown_augmentation_names_the_choices():
     assert augmentation("none") is None
     with pytest.raises(ValueError, match="ultrasound\\+elastic"):
         augmentation("elastic-only")
-    assert list(AUGMENTATIONS) == ["none", "ultrasound", "ultrasound+elastic"]
+    assert list(AUGMENTATIONS) == ["none", "ultrasound", "ultrasound+elastic", "nnunet"]

@@ -39,14 +39,14 @@ class DiscAroundClicks(torch.nn.Module):
         return self.forward_parts(x)[0]
 
 
-def _click_checkpoint(image_size: int = SIZE, preset: str = "interactive") -> dict:
-    recipe = get_recipe(preset).with_overrides(image_size=image_size, click_sigma=2.0)
+def _click_checkpoint(image_size: int = SIZE, preset: str = "interactive", **overrides) -> dict:
+    recipe = get_recipe(preset).with_overrides(image_size=image_size, click_sigma=2.0, **overrides)
     net = build_network(network_config(recipe.network))
     return make_checkpoint(net, recipe, preset)
 
 
-def _stub_predictor() -> Predictor:
-    p = Predictor(_click_checkpoint(), device="cpu", amp=False)
+def _stub_predictor(**overrides) -> Predictor:
+    p = Predictor(_click_checkpoint(**overrides), device="cpu", amp=False)
     p.models = [DiscAroundClicks(p.network.config)]
     p.averaged = p.models[0]
     return p
@@ -106,8 +106,9 @@ def test_interactive_preset_trains_and_its_checkpoint_takes_clicks(sample_dir, t
     assert out.probability.shape == (50, 70) and np.isfinite(out.probability).all()
 
 
-def test_clicks_land_where_they_were_given_in_the_images_own_pixels():
-    p = _stub_predictor()
+@pytest.mark.parametrize("pad_square", [False, True])
+def test_clicks_land_where_they_were_given_in_the_images_own_pixels(pad_square):
+    p = _stub_predictor(pad_square=pad_square)
     image = np.zeros((120, 300), np.float32)  # not square: each axis has its own scale
     out = p.predict_clicks(image, foreground=[(90, 250)])  # (row, col)
     rows, cols = np.nonzero(out.raw_mask)

@@ -239,6 +239,9 @@ def _members(model) -> list[dict]:
     for m in members[1:]:
         if m["network"] != first["network"] or m["preprocessing"] != first["preprocessing"]:
             raise ValueError(f"{m.get('source', 'a member')}: the ensemble's members need one network and image size")
+    if any(m.get("recipe", {}).get("pad_square") for m in members):
+        # The bundle's configs resize by stretching; a padded-square model would see other inputs.
+        raise ValueError("a pad_square model cannot be exported yet: the bundle's configs stretch to square")
     return members
 
 

@@ -71,13 +71,24 @@ def split_items(data: str | Path, split: str | None = "test") -> list[dict]:
     raise DatasetError(f"{data}: a pack holds preprocessed arrays, not files; use load_split")
 
 
-def load_split(data: str | Path, split: str, image_size: int, progress: bool = True) -> CachedData:
+def load_split(data: str | Path, split: str, image_size: int, progress: bool = True, pad_square: bool = False) -> CachedData:
     """A split preprocessed to ``image_size``: a pack's rows of that split (which must be at
-    that size), or a prepared dataset's or BUSI folder's images decoded once."""
+    that size and geometry), or a prepared dataset's or BUSI folder's images decoded once.
+
+    Args:
+        data: a pack, a prepared dataset or a BUSI folder (:func:`source_kind`).
+        split: ``training`` or ``test``.
+        image_size: the network's square side.
+        progress: show a progress bar while decoding.
+        pad_square: aspect ratio kept by padding to the square, not stretched.
+    """
     if source_kind(data) == "pack":
         pack = load_pack(data)
         if pack.images.shape[-1] != image_size:
             raise DatasetError(f"{data}: pack is {pack.images.shape[-1]}px, recipe wants {image_size}px")
+        if pack.pad_square != pad_square:
+            want, has = ("padded to square" if p else "stretched to square" for p in (pad_square, pack.pad_square))
+            raise DatasetError(f"{data}: pack images are {has}, recipe wants them {want} (busi-monai pack --pad-square)")
         rows = [i for i, m in enumerate(pack.items) if m.get("split", "training") == split]
-        return CachedData(pack.images[rows], pack.labels[rows], [pack.items[i] for i in rows])
-    return cache_items(split_items(data, split), image_size, progress)
+        return CachedData(pack.images[rows], pack.labels[rows], [pack.items[i] for i in rows], pack.pad_square)
+    return cache_items(split_items(data, split), image_size, progress, pad_square=pad_square)

@@ -19,26 +19,28 @@ class CachedData:
     images: torch.Tensor  # (N, 1, S, S) float32 in [0, 1]
     labels: torch.Tensor  # (N, 1, S, S) float32 {0, 1}
     items: list[dict]
+    pad_square: bool = False  # images padded to square (aspect kept) rather than stretched
 
     def __len__(self) -> int:
         return len(self.items)
 
     def to(self, device) -> "CachedData":
-        return CachedData(self.images.to(device), self.labels.to(device), self.items)
+        return CachedData(self.images.to(device), self.labels.to(device), self.items, self.pad_square)
 
     def subset(self, rows: list[int]) -> "CachedData":
-        return CachedData(self.images[rows], self.labels[rows], [self.items[i] for i in rows])
+        return CachedData(self.images[rows], self.labels[rows], [self.items[i] for i in rows], self.pad_square)
 
 
-def cache_items(items: list[dict], image_size: int, progress: bool = True, num_workers: int = 0) -> CachedData:
-    """Decode and preprocess each item once with MONAI's CacheDataset."""
+def cache_items(items: list[dict], image_size: int, progress: bool = True, num_workers: int = 0, pad_square: bool = False) -> CachedData:
+    """Decode and preprocess each item once with MONAI's CacheDataset (``pad_square``: keep the
+    aspect ratio, see :func:`busi_monai.data.preprocessing.preprocess_list`)."""
     if not items:
-        return CachedData(torch.zeros(0, 1, image_size, image_size), torch.zeros(0, 1, image_size, image_size), [])
-    tf = Compose([LoadBusiImaged(("image", "label")), *preprocess_list(image_size)])
+        return CachedData(torch.zeros(0, 1, image_size, image_size), torch.zeros(0, 1, image_size, image_size), [], pad_square)
+    tf = Compose([LoadBusiImaged(("image", "label")), *preprocess_list(image_size, pad_square=pad_square)])
     ds = CacheDataset(items, transform=tf, cache_rate=1.0, num_workers=num_workers or None, progress=progress)
     images = torch.stack([torch.as_tensor(ds[i]["image"]) for i in range(len(ds))]).float()
     labels = torch.stack([torch.as_tensor(ds[i]["label"]) for i in range(len(ds))]).float()
-    return CachedData(images, labels, list(items))
+    return CachedData(images, labels, list(items), pad_square)
 
 
 def save_pack(data: CachedData, path: str | Path, originals: list[tuple[np.ndarray, np.ndarray]] | None = None) -> None:
@@ -60,6 +62,7 @@ def save_pack(data: CachedData, path: str | Path, originals: list[tuple[np.ndarr
         **_png_blobs("images", images),
         labels=np.packbits(data.labels.numpy().astype(bool), axis=-1),
         size=data.images.shape[-1],
+        pad_square=data.pad_square,
         meta=json.dumps(meta),
         n_originals=len(originals or []),
         **_png_blobs("orig_images", orig_images),
@@ -98,7 +101,7 @@ def load_pack(path: str | Path) -> CachedData:
     raw = np.stack(_from_png_blobs(z, "images"))[:, None] if "images_png" in z else z["images"]  # older packs: raw bytes
     images = torch.from_numpy(raw.astype(np.float32) / 255.0)
     labels = torch.from_numpy(np.unpackbits(z["labels"], axis=-1)[..., :size].astype(np.float32))
-    return CachedData(images, labels, json.loads(str(z["meta"])))
+    return CachedData(images, labels, json.loads(str(z["meta"])), bool(z["pad_square"]) if "pad_square" in z else False)
 
 
 def load_pack_originals(path: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -17,6 +17,7 @@ from monai.transforms import (
     Resize,
     Resized,
     ScaleIntensityd,
+    SpatialPadd,
 )
 
 from busi_monai.data.io import read_image, read_masks_union
@@ -49,30 +50,58 @@ class LoadBusiImaged(MapTransform):
         return d
 
 
-def preprocess_list(image_size: int, keys: Sequence[str] = ("image", "label")) -> list:
+def preprocess_list(image_size: int, keys: Sequence[str] = ("image", "label"), pad_square: bool = False) -> list:
     """Paper preprocessing of loaded (1, H, W) arrays: resize, then intensities to [0, 1].
 
     A flat list: a nested Compose counts as random for CacheDataset and would not be cached.
+
+    Args:
+        image_size: the network's square side.
+        keys: ``image``, and ``label`` where there is one.
+        pad_square: keep the aspect ratio: the longer side to ``image_size``, then zero padding
+            (black, as ultrasound's background) on both sides to the square (:func:`square_box`).
     """
     has_label = "label" in keys
     modes = (IMAGE_RESIZE_MODE, LABEL_RESIZE_MODE) if has_label else (IMAGE_RESIZE_MODE,)
+    anti_aliasing = (True, False)[: len(modes)]
+    if not pad_square:
+        return [
+            Resized(keys=list(keys), spatial_size=(image_size, image_size), mode=modes, anti_aliasing=anti_aliasing),
+            ScaleIntensityd(keys="image", minv=0.0, maxv=1.0),
+            EnsureTyped(keys=list(keys), dtype=torch.float32, track_meta=False),
+        ]
     return [
-        Resized(keys=list(keys), spatial_size=(image_size, image_size), mode=modes, anti_aliasing=(True, False)[: len(modes)]),
-        ScaleIntensityd(keys="image", minv=0.0, maxv=1.0),
+        Resized(keys=list(keys), spatial_size=image_size, size_mode="longest", mode=modes, anti_aliasing=anti_aliasing),
+        ScaleIntensityd(keys="image", minv=0.0, maxv=1.0),  # before padding: the padding stays 0
+        SpatialPadd(keys=list(keys), spatial_size=(image_size, image_size), method="symmetric", value=0),
         EnsureTyped(keys=list(keys), dtype=torch.float32, track_meta=False),
     ]
 
 
-def preprocess_transforms(image_size: int, keys: Sequence[str] = ("image", "label")) -> Compose:
-    return Compose(preprocess_list(image_size, keys))
+def preprocess_transforms(image_size: int, keys: Sequence[str] = ("image", "label"), pad_square: bool = False) -> Compose:
+    return Compose(preprocess_list(image_size, keys, pad_square))
 
 
-def preprocess_array(image: np.ndarray, image_size: int) -> torch.Tensor:
-    """One (H, W) image to the network's (1, size, size) input in [0, 1]."""
-    out = preprocess_transforms(image_size, keys=("image",))({"image": np.asarray(image, np.float32)[None]})
+def preprocess_array(image: np.ndarray, image_size: int, pad_square: bool = False) -> torch.Tensor:
+    """One (H, W) image to the network's (1, size, size) input in [0, 1] (``pad_square``: see :func:`preprocess_list`)."""
+    out = preprocess_transforms(image_size, keys=("image",), pad_square=pad_square)({"image": np.asarray(image, np.float32)[None]})
     return out["image"]
 
 
-def restore_size(prob: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """A (1, S, S) probability map back to the image's own (1, H, W), bilinear."""
+def square_box(shape: tuple[int, int], image_size: int) -> tuple[int, int, int, int]:
+    """Where an image of ``shape`` (H, W) lies in its padded square: (top, left, height, width).
+
+    The same arithmetic as MONAI's ``Resize(size_mode="longest")`` and symmetric ``SpatialPad``.
+    """
+    scale = image_size / max(shape)
+    h, w = (round(s * scale) for s in shape)
+    return (image_size - h) // 2, (image_size - w) // 2, h, w
+
+
+def restore_size(prob: torch.Tensor, shape: tuple[int, int], pad_square: bool = False) -> torch.Tensor:
+    """A (1, S, S) probability map back to the image's own (1, H, W), bilinear; ``pad_square``
+    crops the padding away first."""
+    if pad_square:
+        top, left, h, w = square_box(tuple(shape), prob.shape[-1])
+        prob = prob[..., top : top + h, left : left + w]
     return Resize(spatial_size=tuple(shape), mode="bilinear")(prob)

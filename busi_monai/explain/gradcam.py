@@ -136,7 +136,7 @@ def gradcam(predictor, image, layer: str | None = None) -> np.ndarray:
         finally:
             net.zero_grad(set_to_none=True)
             net.train(was_training)
-    heat = restore_size(small[0].detach().float().cpu(), im.shape)[0].numpy()
+    heat = restore_size(small[0].detach().float().cpu(), im.shape, getattr(predictor, "pad_square", False))[0].numpy()
     return _normalise(np.clip(heat, 0, None))
 
 
@@ -155,7 +155,8 @@ def attention_maps(predictor, image) -> list[np.ndarray]:
         for h in handles:
             h.remove()
         net.train(was_training)
-    return [np.clip(restore_size(m[0].float().cpu(), im.shape)[0].numpy(), 0, 1).astype(np.float32) for m in maps]
+    pad = getattr(predictor, "pad_square", False)
+    return [np.clip(restore_size(m[0].float().cpu(), im.shape, pad)[0].numpy(), 0, 1).astype(np.float32) for m in maps]
 
 
 def heatmap_for_file(

@@ -13,12 +13,19 @@ from monai.transforms import (
 
 
 def processed_mask(
-    mask: np.ndarray, min_area_fraction: float = 0.001, keep_fraction: float = 0.1, fill_holes: bool = True
+    mask: np.ndarray, min_area_fraction: float = 0.001, keep_fraction: float = 0.1, fill_holes: bool = True, largest_only: bool = False
 ) -> np.ndarray:
     """The paper's "processed mask": a clinically plausible outline from the raw mask.
 
     Drops specks below ``min_area_fraction`` of the image, keeps only components at least
     ``keep_fraction`` of the largest one, and fills holes. Never adds a component.
+
+    Args:
+        mask: (H, W) raw mask.
+        min_area_fraction: specks below this share of the image go.
+        keep_fraction: components below this share of the largest one go.
+        fill_holes: fill the holes of what is kept.
+        largest_only: keep the largest component alone (a recipe's ``largest_component``).
     """
     from scipy import ndimage
 
@@ -31,7 +38,7 @@ def processed_mask(
     labels, n = ndimage.label(arr, structure=np.ones((3, 3)))
     if n > 1:
         areas = ndimage.sum(arr, labels, index=np.arange(1, n + 1))
-        keep = np.flatnonzero(areas >= keep_fraction * areas.max()) + 1
+        keep = [int(np.argmax(areas)) + 1] if largest_only else np.flatnonzero(areas >= keep_fraction * areas.max()) + 1
         arr = np.isin(labels, keep)
     if fill_holes:
         arr = np.asarray(FillHoles()(torch.as_tensor(arr[None]))[0], dtype=bool)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from busi_monai.data.io import Image2D, read_image
-from busi_monai.data.preprocessing import preprocess_array, restore_size
+from busi_monai.data.preprocessing import preprocess_array, restore_size, square_box
 from busi_monai.device import resolve_device
 from busi_monai.inference.postprocessing import processed_mask
 from busi_monai.interactive.guidance import DEFAULT_SIGMA, click_maps, scale_clicks
@@ -54,11 +54,18 @@ class Predictor:
                 raise ValueError(f"{p}: ensemble members need the same image size")
         self.threshold = float(first.get("threshold", 0.5))
         self.preset = first.get("preset")
-        self.tta = bool(first.get("recipe", {}).get("tta", False)) if tta is None else tta
+        recipe = first.get("recipe", {})
+        # The geometry the network was trained in (older checkpoints: stretched to square).
+        self.pad_square = bool(recipe.get("pad_square", False))
+        for p, ck in zip(paths, self.checkpoints):
+            if bool(ck.get("recipe", {}).get("pad_square", False)) != self.pad_square:
+                raise ValueError(f"{p}: ensemble members need the same geometry (pad_square)")
+        self.tta = bool(recipe.get("tta", False)) if tta is None else tta
         self.amp = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()) if amp is None else amp
         self.batch_size = batch_size
         self.click_sigma = float(first.get("recipe", {}).get("click_sigma", DEFAULT_SIGMA))
-        self.postprocess = postprocess or {}
+        # The recipe's post-processing unless the caller says otherwise.
+        self.postprocess = {"largest_only": bool(recipe.get("largest_component", False)), **(postprocess or {})}
         self.models = [model_from_checkpoint(ck, self.device, confidence_gate=confidence_gate) for ck in self.checkpoints]
         # One network, or the members' (and flips') mean: the same module the bundle exports.
         single = len(self.models) == 1 and not self.tta
@@ -70,7 +77,7 @@ class Predictor:
 
     def preprocess(self, image: Image2D | np.ndarray) -> torch.Tensor:
         arr = image.array if isinstance(image, Image2D) else np.asarray(image, np.float32)
-        return preprocess_array(arr, self.image_size)
+        return preprocess_array(arr, self.image_size, self.pad_square)
 
     @property
     def takes_clicks(self) -> bool:
@@ -106,10 +113,18 @@ class Predictor:
         out = []
         for im, p in zip(loaded, small):
             shape = im.shape if isinstance(im, Image2D) else np.asarray(im).shape
-            prob = restore_size(p, shape)[0].numpy().astype(np.float32)
+            prob = restore_size(p, shape, self.pad_square)[0].numpy().astype(np.float32)
             raw = (prob > self.threshold).astype(np.uint8)
             out.append(Prediction(prob, raw, processed_mask(raw, **self.postprocess)))
         return out
+
+    def network_clicks(self, clicks, shape: tuple[int, int]) -> list[tuple[float, float]]:
+        """(row, col) clicks on an image of ``shape`` moved to the network's input, through the
+        same geometry as the image (stretched to the square, or resized and padded)."""
+        if not self.pad_square:
+            return scale_clicks(list(clicks), shape, (self.image_size, self.image_size))
+        top, left, h, w = square_box(tuple(shape), self.image_size)
+        return [(r + top, c + left) for r, c in scale_clicks(list(clicks), shape, (h, w))]
 
     @torch.no_grad()
     def predict_clicks(
@@ -124,11 +139,10 @@ class Predictor:
             raise ValueError(f"{self.paths[0]}: this model does not take clicks (train a '+clicks' network, e.g. --preset interactive)")
         arr = image.array if isinstance(image, Image2D) else np.asarray(image, np.float32)
         size = (self.image_size, self.image_size)
-        fg = scale_clicks(list(foreground), arr.shape, size)
-        bg = scale_clicks(list(background), arr.shape, size)
+        fg, bg = self.network_clicks(foreground, arr.shape), self.network_clicks(background, arr.shape)
         maps = torch.from_numpy(click_maps(size, fg, bg, sigma=self.click_sigma)).float()
         x = torch.cat((self.preprocess(arr), maps))[None].to(self.device)
-        prob = restore_size(self.forward_probability(x, gated=not fg).cpu()[0], arr.shape)[0].numpy().astype(np.float32)
+        prob = restore_size(self.forward_probability(x, gated=not fg).cpu()[0], arr.shape, self.pad_square)[0].numpy().astype(np.float32)
         raw = (prob > self.threshold).astype(np.uint8)
         return Prediction(prob, raw, processed_mask(raw, **self.postprocess))
 

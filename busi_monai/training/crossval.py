@@ -65,7 +65,7 @@ def cross_validate(
 def _train_folds(data, out: Path, preset, folds, recipe, device, seed, wanted, compile_model, progress) -> None:
     from busi_monai.model.checkpoint import load_checkpoint, model_from_checkpoint
 
-    cached = load_split(data, "training", recipe.image_size, progress)
+    cached = load_split(data, "training", recipe.image_size, progress, recipe.pad_square)
     fold_idx = grouped_stratified_folds(cached.items, folds, seed)
     dev = resolve_device(device)
     for f in wanted:
@@ -148,7 +148,7 @@ def choose_gate(data, out: Path, folds: int, seed: int, recipe, device: str = "a
 
     paths = [Path(out) / f"fold{f}" / "model.pt" for f in range(folds)]
     checkpoints = [load_checkpoint(p) for p in paths]
-    cached = load_split(data, "training", recipe.image_size, progress)
+    cached = load_split(data, "training", recipe.image_size, progress, recipe.pad_square)
     dev = resolve_device(device)
     scores = []
     for ck, held in zip(checkpoints, grouped_stratified_folds(cached.items, folds, seed)):

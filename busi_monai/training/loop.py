@@ -34,7 +34,9 @@ from busi_monai.model.checkpoint import (
 from busi_monai.model.networks import build_network, network_config
 from busi_monai.training.augmentation import augmentation
 from busi_monai.training.losses import make_loss
+from busi_monai.training.optimizers import make_optimizer
 from busi_monai.training.recipes import Recipe, get_recipe
+from busi_monai.training.sampling import make_sampler
 from busi_monai.training.schedules import make_scheduler
 from busi_monai.training.validation import predict_cached, quick_scores
 
@@ -121,8 +123,8 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        # fused Adam: one kernel per step instead of several per parameter tensor (CUDA only).
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay, fused=dev.type == "cuda")
+        self.optimizer = make_optimizer(recipe, self.model.parameters(), dev)
+        self.sampler = make_sampler(recipe, train.labels)
         self.scheduler = make_scheduler(recipe, self.optimizer, recipe.epochs)
         self.loss_fn = make_loss(recipe, self.model.config.deep_supervision)
         self.augment = augmentation(recipe.augment)
@@ -163,7 +165,7 @@ class Trainer:
         perm = torch.randperm(n, generator=generator)
         total = torch.zeros((), device=self.dev)  # summed on the device: no host sync per step
         for s in range(math.ceil(n / r.batch_size)):
-            idx = perm[s * r.batch_size : (s + 1) * r.batch_size].to(self.dev)
+            idx = self.sampler.batch(perm, s, r.batch_size).to(self.dev)
             x, y = data.images[idx], data.labels[idx]
             if self.augment is not None:
                 x, y = self.augment(x, y)
@@ -336,6 +338,6 @@ def train_dataset(
     """
     named = {"epochs": epochs, "batch_size": batch_size, "image_size": image_size, "learning_rate": learning_rate}
     recipe = get_recipe(preset).with_overrides(**{**(overrides or {}), **{k: v for k, v in named.items() if v is not None}})
-    train, val = split_cached(load_split(data, "training", recipe.image_size, progress), recipe.val_fraction, seed)
+    train, val = split_cached(load_split(data, "training", recipe.image_size, progress, recipe.pad_square), recipe.val_fraction, seed)
     settings = RunSettings(device=device, seed=seed, resume=resume, progress=progress, compile_model=compile_model, amp=amp)
     return fit(train, val, out, preset, recipe, settings)

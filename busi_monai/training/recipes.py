@@ -17,7 +17,7 @@ class Recipe:
     lr_schedule: str = "exponential"
     lr_decay: float = 0.95
     weight_decay: float = 0.0
-    loss: str = "bce"  # "bce" (paper) or "dice_bce"
+    loss: str = "bce"  # training.losses.LOSSES: "bce" (paper), "dice_bce", "dice_ce_batch"
     augment: str = "none"  # training.augmentation.AUGMENTATIONS: "none" (paper), "ultrasound", "ultrasound+elastic"
     val_fraction: float = 0.1  # carved, by duplicate group, from the training split
     threshold: float = 0.5
@@ -31,6 +31,20 @@ class Recipe:
     click_free_fraction: float = 0.3
     click_rounds: int = 3
     click_sigma: float = 3.0
+    # The nnU-Net ingredients (preset `full`); each default keeps the earlier presets as they were.
+    optimizer: str = "adam"  # training.optimizers.OPTIMIZERS: "adam" (paper), "sgd_nesterov"
+    momentum: float = 0.99  # sgd_nesterov only
+    poly_exponent: float = 0.9  # lr_schedule "poly": lr * (1 - epoch / epochs) ** poly_exponent
+    # Deep-supervision weights (networks with "+ds"): "exp" MONAI's 1, 1/2, 1/4 as they are;
+    # "halving" the same normalised to sum 1, as nnU-Net does.
+    ds_weights: str = "exp"
+    sampler: str = "shuffle"  # training.sampling.SAMPLERS: "shuffle" (paper), "foreground"
+    foreground_fraction: float = 0.33  # "foreground": share of each batch that holds lesion pixels
+    # Keep each image's aspect ratio: resize its longer side to image_size and pad to a square
+    # (False: stretch to the square, the paper's). Inference reads it from the checkpoint's recipe.
+    pad_square: bool = False
+    # Post-processing: keep only the largest lesion component of each processed mask.
+    largest_component: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +110,29 @@ PRESETS: dict[str, Recipe] = {
         lr_schedule="cosine",
         loss="dice_bce",
         augment="ultrasound",
+    ),
+    # The full-size recipe (#19): the paper network with deep supervision at 256 px, trained as
+    # nnU-Net v2 trains 2D data: SGD with Nesterov momentum 0.99 at 1e-2, poly decay (0.9),
+    # batch Dice + cross-entropy, deep-supervision weights halving per stage, a third of each
+    # batch with lesion pixels, nnU-Net's augmentation and a long schedule. Its choices (and
+    # pad_square, largest_component, epochs and batch size) are to be confirmed on CV folds on a
+    # GPU (benchmarks/scripts/gpu_full_cv.py --ablations); none is measured at full size yet.
+    "full": Recipe(
+        network="paper+ds",
+        image_size=256,
+        epochs=300,
+        batch_size=16,
+        learning_rate=1e-2,
+        optimizer="sgd_nesterov",
+        momentum=0.99,
+        weight_decay=3e-5,
+        lr_schedule="poly",
+        poly_exponent=0.9,
+        loss="dice_ce_batch",
+        ds_weights="halving",
+        sampler="foreground",
+        foreground_fraction=0.33,
+        augment="nnunet",
     ),
 }
 

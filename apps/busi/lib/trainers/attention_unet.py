@@ -215,8 +215,8 @@ class AttentionUNetTrain(TrainTask):
             logger.info("attention_unet epoch %d/%d: %s", rec["epoch"], epochs, {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items() if k != "epoch"})
             write_json(stats, os.path.join(run_dir, "progress.json"))
 
-        train = cache_items(train_items, recipe.image_size, progress=False)
-        val = cache_items(val_items, recipe.image_size, progress=False)
+        train = cache_items(train_items, recipe.image_size, progress=False, pad_square=recipe.pad_square)
+        val = cache_items(val_items, recipe.image_size, progress=False, pad_square=recipe.pad_square)
         summary = fit(
             train, val, run_dir, preset=self.settings.preset, recipe=recipe, device=device,
             init_checkpoint=init, progress=False, seed=seed, on_epoch=on_epoch, resume=bool(resumed_from),
