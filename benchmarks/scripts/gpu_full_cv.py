@@ -383,6 +383,15 @@ def main(argv=None) -> int:
 
     from busi_monai.training.crossval import cross_validate
 
+    def finish() -> int:
+        timings["total_s"] = time.perf_counter() - T0
+        write_json(result, out / "result.json")
+        copy_jsons(work, out / "runs")
+        if not a.work:
+            shutil.rmtree(work, ignore_errors=True)
+        say(f"done in {timings['total_s']:.0f} s: {out / 'result.json'}")
+        return 0
+
     overrides = recipe.to_dict()
     if names:
         # 4a. Ablations: the recipe, then each ingredient off, trained for the same held-out folds.
@@ -398,13 +407,7 @@ def main(argv=None) -> int:
             write_json(result, out / "result.json")
         if a.ablations == "all" and not a.pad_square_pack:
             result["ablations_skipped"] = {"pad_square": "no --pad-square-pack given"}
-        timings["total_s"] = time.perf_counter() - T0
-        write_json(result, out / "result.json")
-        copy_jsons(work, out / "runs")
-        if not a.work:
-            shutil.rmtree(work, ignore_errors=True)
-        say(f"done in {timings['total_s']:.0f} s: {out / 'result.json'}")
-        return 0
+        return finish()
 
     # 4b. The folds, one at a time (a line each), then the gate on the held-out folds.
     cv_dir = work / "cv"
@@ -440,13 +443,7 @@ def main(argv=None) -> int:
     for k, s in summaries.items():
         say(f"test {k}: lesion Dice {s['lesion']['dice']}, normal FP {s['normal_false_positive_rate']}")
     write_json(records, out / "test_per_image.json")
-    timings["total_s"] = time.perf_counter() - T0
-    write_json(result, out / "result.json")
-    copy_jsons(work, out / "runs")
-    if not a.work:
-        shutil.rmtree(work, ignore_errors=True)
-    say(f"done in {timings['total_s']:.0f} s: {out / 'result.json'}")
-    return 0
+    return finish()
 
 
 if __name__ == "__main__":
