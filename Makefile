@@ -64,7 +64,7 @@ serve: install
 	$(PY) -m busi_monai.serve --studies $(STUDIES) --host $(HOST) --port $(PORT)
 
 test: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=15
 
 test-all: install
 	$(PY) -m pytest -q

@@ -390,3 +390,23 @@ def test_every_strategy_is_one_registry_entry():
     assert list(SELECTORS) == list(SIMULATION_STRATEGIES) and set(STRATEGIES) < set(SELECTORS)
     with pytest.raises(ValueError, match="choose one of random, entropy"):
         select("coreset", None, torch.zeros(3, 1, 8, 8), 1, random.Random(0))
+
+
+def test_compact_embeddings_are_unit_length_and_the_same_in_every_process():
+    """What the app stores per image for its diversity strategies: a fixed projection of the
+    bottleneck features, so that scores written by different processes compare."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    from busi_monai.active.strategies import compact_embedding
+
+    feats = torch.arange(2 * 128, dtype=torch.float32).reshape(2, 128) / 100
+    emb = compact_embedding(feats, 32)
+    assert emb.shape == (2, 32)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))
+    code = "import torch, json; from busi_monai.active.strategies import compact_embedding as c; print(json.dumps(c(torch.arange(256, dtype=torch.float32).reshape(2, 128) / 100, 32).tolist()))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert torch.allclose(torch.tensor(json.loads(other)), emb)

@@ -161,6 +161,18 @@ def bottleneck_features(net: torch.nn.Module, images: torch.Tensor, batch_size: 
 # Selection
 
 
+def compact_embedding(features: torch.Tensor, dim: int = 32) -> torch.Tensor:
+    """Bottleneck features ``(N, C)`` projected to ``dim`` unit-length numbers per image.
+
+    A fixed random projection (seeded by ``C``, so the same network gives the same projection
+    in every process) keeps distances roughly (Johnson-Lindenstrauss) while what a datastore
+    stores per image stays small.
+    """
+    g = torch.Generator().manual_seed(features.shape[1])
+    proj = torch.randn(features.shape[1], dim, generator=g) / dim**0.5
+    return torch.nn.functional.normalize(features.float() @ proj, dim=1)
+
+
 def k_center_greedy(features: torch.Tensor, k: int, centres: torch.Tensor | None = None) -> list[int]:
     """``k`` rows of ``features`` chosen one by one as the farthest from all centres so far.
 

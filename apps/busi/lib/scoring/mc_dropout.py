@@ -34,28 +34,21 @@ import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
-from busi_monai.active.strategies import bottleneck_features, uncertainty_scores
+from busi_monai.active.strategies import (
+    bottleneck_features,
+    compact_embedding,
+    uncertainty_scores,
+)
 from busi_monai.jsonio import finite, write_json
 from lib.errors import ModelNotAvailable
 
 logger = logging.getLogger(__name__)
 
 KEY = "mc_dropout_score"
+EMBEDDING_DIM = 32  # numbers stored per image in the datastore
 EMBEDDING_KEY = "mc_dropout_embedding"
 EMBEDDING_VERSION_KEY = "mc_dropout_embedding_version"
-EMBEDDING_DIM = 32
 CHUNK = 16
-
-
-def compact_embedding(features: torch.Tensor) -> torch.Tensor:
-    """Bottleneck features ``(N, C)`` projected to :data:`EMBEDDING_DIM` numbers per image.
-
-    A fixed random projection keeps distances roughly (Johnson-Lindenstrauss) while the
-    datastore file stays small (32 numbers, not the paper network's 512, per image).
-    """
-    g = torch.Generator().manual_seed(features.shape[1])
-    proj = torch.randn(features.shape[1], EMBEDDING_DIM, generator=g) / EMBEDDING_DIM**0.5
-    return torch.nn.functional.normalize(features.float() @ proj, dim=1)
 
 
 def uncertainty(probs: torch.Tensor) -> list[dict]:
@@ -204,4 +197,4 @@ class MCDropoutScoring(ScoringMethod):
     def _embeddings(predictor, images) -> list[list[float]]:
         """What the network sees of each image, for the diversity and coverage of the strategies' picks."""
         batch = torch.stack([predictor.preprocess(im) for im in images]).to(predictor.device)
-        return [[round(v, 4) for v in emb] for emb in compact_embedding(bottleneck_features(predictor.network, batch)).tolist()]
+        return [[round(v, 4) for v in emb] for emb in compact_embedding(bottleneck_features(predictor.network, batch), EMBEDDING_DIM).tolist()]
