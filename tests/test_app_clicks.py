@@ -55,11 +55,12 @@ def served(tmp_path_factory):
         net.head.conv.bias -= logit.median()
     ckpt = make_checkpoint(net, recipe, "interactive")
     (root / "model").mkdir()
+    atomic_torch_save(ckpt, root / "crafted.pt")
     atomic_torch_save(ckpt, root / "model" / MODEL_FILENAME)
     srv = AppServer(studies, root / "model", workdir=root / "server", conf={"preset": "interactive", "device": "cpu"})
     srv.start()
     try:
-        yield srv.client(), image, ckpt
+        yield srv.client(), image, ckpt, root
     finally:
         srv.stop()
 
@@ -69,7 +70,7 @@ def _mask(path) -> np.ndarray:
 
 
 def test_info_lists_the_click_model_as_deepgrow(served):
-    client, _, _ = served
+    client, *_ = served
     models = client.info()["models"]
     assert CLICKS in models and "attention_unet" in models
     assert models[CLICKS]["type"] == "deepgrow" and models[CLICKS]["dimension"] == 2
@@ -80,7 +81,7 @@ def test_clicks_as_slicer_sends_them_give_the_predictors_mask(served):
     from busi_monai.data.io import read_image
     from busi_monai.inference.predictor import Predictor
 
-    client, image, ckpt = served
+    client, image, ckpt, _ = served
     fg, bg = [[120, 30, 0]], [[20, 70, 0]]  # [i, j, k]: column, row, slice
     result, params = client.infer(CLICKS, IMAGE_ID, {"foreground": fg, "background": bg, "result_extension": ".nrrd"})
     served_mask = _mask(result)
@@ -110,9 +111,38 @@ def test_clicks_as_slicer_sends_them_give_the_predictors_mask(served):
 def test_bad_clicks_get_a_4xx_naming_the_problem_and_the_server_keeps_serving(served, params, why):
     from monailabel.client.client import MONAILabelClientException
 
-    client, _, _ = served
+    client, *_ = served
     with pytest.raises(MONAILabelClientException) as e:
         client.infer(CLICKS, IMAGE_ID, {**params, "result_extension": ".nrrd"})
     assert "422" in str(e.value) and why in str(e.value)
     result, _ = client.infer(CLICKS, IMAGE_ID, {"foreground": [[120, 30, 0]], "result_extension": ".nrrd"})
     assert _mask(result).shape == (90, 160)
+
+
+def test_a_clinicians_loop_outline_clicks_submit_train(served):
+    """Run, correct with a click, Submit Label, Train: the new weights serve the click tool."""
+    import time
+
+    from busi_monai.serve import publish_model
+
+    client, image, _, root = served
+    before = client.info()["busi"]["model_version"]
+    auto, _ = client.infer("attention_unet", IMAGE_ID, {"result_extension": ".nrrd"})
+    assert _mask(auto).shape == (90, 160)
+    clicked, _ = client.infer(CLICKS, IMAGE_ID, {"foreground": [[120, 30, 0]], "background": [], "label": "lesion", "result_extension": ".nrrd", "result_dtype": "uint8"})
+    client.save_label(IMAGE_ID, clicked, tag="final")
+    try:
+        task = client.train_start("attention_unet", {"max_epochs": 2, "image_size": 32, "val_split": 0.0})
+        assert task["status"] in ("SUBMITTED", "RUNNING")
+        deadline = time.time() + 300
+        while (st := client.train_status())["status"] in ("SUBMITTED", "RUNNING"):
+            assert time.time() < deadline, "training did not finish in 300 s"
+            time.sleep(1)
+        assert st["status"] == "DONE", st
+        after = client.info()["busi"]["model_version"]
+        assert after != before
+        result, params = client.infer(CLICKS, IMAGE_ID, {"foreground": [[120, 30, 0]], "result_extension": ".nrrd"})
+        assert params["model_version"] == after and params["image_size"] == 32
+        assert _mask(result).shape == (90, 160)
+    finally:  # the other tests compare against the crafted weights
+        publish_model(root / "crafted.pt", root / "model")
