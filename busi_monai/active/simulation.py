@@ -502,12 +502,20 @@ def plot_curves(result: dict, path: str | Path) -> None:
     for ax in axes:
         ax.set_xlabel("labelled images")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(
+    title = (
         f"Active learning on {Path(cfg['data']).name}: preset {cfg['preset']}, {cfg['image_size']}px, "
-        f"+{cfg['step']}/round, {cfg['epochs_initial']}+{cfg['epochs_per_round']}/round epochs",
-        fontsize=10,
+        f"+{cfg['step']}/round, {cfg['epochs_initial']}+{cfg['epochs_per_round']}/round epochs"
     )
+    _save_figure(fig, axes, title, path)
+
+
+def _save_figure(fig, axes, title: str, path: str | Path) -> None:
+    """Legends, the title, and the PNG written; the figure closed."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -541,16 +549,11 @@ def plot_effort(result: dict, path: str | Path) -> None:
         axes[0].axhline(summary["target_dice"], color="k", lw=1, ls=":", label=f"{int(TARGET_FRACTION * 100)}% of all-labels Dice")
     axes[0].set_ylabel("test Dice, automatic model (lesion images)")
     axes[1].set_ylabel(f"test Dice after {k} clicks ({cfg.get('click_test_images')} lesion images)")
-    for ax in axes:
-        ax.legend(fontsize=8)
-    fig.suptitle(
+    title = (
         f"Clicks to label {Path(cfg['data']).name}: preset {cfg['preset']}, {cfg['image_size']}px, +{cfg['step']}/round, "
-        f"Dice >= {cfg.get('click_target')} or {cfg.get('max_clicks')} clicks, else by hand",
-        fontsize=10,
+        f"Dice >= {cfg.get('click_target')} or {cfg.get('max_clicks')} clicks, else by hand"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, axes, title, path)
 
 
 def merge_results(paths: list[str | Path], out: str | Path) -> dict:
