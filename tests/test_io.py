@@ -8,6 +8,7 @@ from PIL import Image
 
 from busi_monai.data.io import (
     BusiInputError,
+    itk_backend,
     read_image,
     read_mask,
     write_array,
@@ -44,8 +45,27 @@ def test_png_modes_agree(tmp_path):
     assert np.allclose(read_image(tmp_path / "16bit.png").array / 257, base)
 
 
+@pytest.fixture(params=["itk", "SimpleITK"])
+def io_backend(request, monkeypatch):
+    """Volumes read and written through ITK, or through SimpleITK where ITK is not installed
+    (a GPU server that cannot carry ITK's wheels): the same files, the same geometry."""
+    import busi_monai.data.io as io_module
+
+    if request.param == "SimpleITK":
+        pytest.importorskip("SimpleITK")
+        monkeypatch.setattr(io_module, "itk_backend", lambda: "SimpleITK")
+    return request.param
+
+
+def test_simpleitk_stands_in_where_itk_is_missing(monkeypatch):
+    pytest.importorskip("SimpleITK")
+    assert itk_backend() == "itk"
+    monkeypatch.setitem(__import__("sys").modules, "itk", None)  # `import itk` now fails
+    assert itk_backend() == "SimpleITK"
+
+
 @pytest.mark.parametrize("ext", [".nii.gz", ".nrrd"])
-def test_mask_keeps_geometry_of_single_slice_volume(tmp_path, ext):
+def test_mask_keeps_geometry_of_single_slice_volume(tmp_path, ext, io_backend):
     """Slicer sends 2D images and labels as volumes with one slice; the mask must overlay them."""
     arr = np.arange(30 * 40, dtype=np.float32).reshape(1, 30, 40)
     vol = itk.image_from_array(arr)
@@ -64,7 +84,7 @@ def test_mask_keeps_geometry_of_single_slice_volume(tmp_path, ext):
     assert np.array_equal(itk.array_from_image(back)[0], (arr[0] > 500).astype(np.uint8))
 
 
-def test_png_to_nifti_round_trip(tmp_path):
+def test_png_to_nifti_round_trip(tmp_path, io_backend):
     gray = np.random.default_rng(1).integers(0, 256, (33, 47), dtype=np.uint8)
     Image.fromarray(gray).save(tmp_path / "a.png")
     img = read_image(tmp_path / "a.png")
@@ -73,7 +93,7 @@ def test_png_to_nifti_round_trip(tmp_path):
     assert nib.load(tmp_path / "a.nii.gz").shape[:2] == (47, 33)  # NIfTI is x-first
 
 
-def test_bad_inputs_name_the_file_and_problem(tmp_path):
+def test_bad_inputs_name_the_file_and_problem(tmp_path, io_backend):
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "text.png").write_text("not an image")
     good = tmp_path / "good.png"

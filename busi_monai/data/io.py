@@ -154,9 +154,35 @@ def _check_nifti_complete(path: str) -> None:
         raise BusiInputError(f"{path}: truncated image: {need - got} bytes of pixel data are missing")
 
 
-def _check_itk_header(path: str, max_pixels: int) -> None:
-    """Size and slice count from the header alone: a tiny file can declare a huge volume, and
-    ITK would allocate all of it before the checks on the array could run."""
+def itk_backend() -> str:
+    """Which ITK reads and writes NIfTI/NRRD: ``itk`` where installed, else ``SimpleITK`` (the
+    same ITK IO, and a monailabel dependency anyway), so a machine that cannot carry ITK's
+    wheels still reads and writes volumes the same way."""
+    try:
+        import itk  # noqa: F401
+
+        return "itk"
+    except ImportError:
+        try:
+            import SimpleITK  # noqa: F401
+
+            return "SimpleITK"
+        except ImportError:
+            raise BusiInputError("reading or writing NIfTI/NRRD needs itk or SimpleITK; neither is installed") from None
+
+
+def _header(path: str) -> tuple[list[int], int]:
+    """(size per axis, values per pixel) from the header, or BusiInputError."""
+    if itk_backend() == "SimpleITK":
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(path)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as e:
+            raise BusiInputError(f"{path}: not a readable image ({_first_line(e)})") from None
+        return [int(d) for d in reader.GetSize()], int(reader.GetNumberOfComponents())
     import itk
 
     io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
@@ -167,7 +193,13 @@ def _check_itk_header(path: str, max_pixels: int) -> None:
         io.ReadImageInformation()
     except Exception as e:  # ITK raises RuntimeError with a long C++ trace
         raise BusiInputError(f"{path}: not a readable image ({_first_line(e)})") from None
-    dims = [int(io.GetDimensions(i)) for i in range(io.GetNumberOfDimensions())]
+    return [int(io.GetDimensions(i)) for i in range(io.GetNumberOfDimensions())], int(io.GetNumberOfComponents())
+
+
+def _check_itk_header(path: str, max_pixels: int) -> None:
+    """Size and slice count from the header alone: a tiny file can declare a huge volume, and
+    ITK would allocate all of it before the checks on the array could run."""
+    dims, components = _header(path)
     if len(dims) < 2 or min(dims) < 1:
         raise BusiInputError(f"{path}: expected a 2D image, the header declares a size of {dims}")
     extra = dims[2:]
@@ -177,27 +209,43 @@ def _check_itk_header(path: str, max_pixels: int) -> None:
         )
     if dims[0] * dims[1] > max_pixels:
         raise BusiInputError(f"{path}: image of {dims[0]}x{dims[1]} pixels is above the limit of {max_pixels} pixels")
-    if io.GetNumberOfComponents() > 4:
-        raise BusiInputError(f"{path}: {io.GetNumberOfComponents()} values per pixel; expected a grey or colour image")
+    if components > 4:
+        raise BusiInputError(f"{path}: {components} values per pixel; expected a grey or colour image")
+
+
+def _itk_read(path: str):
+    """(array, values per pixel, spacing, origin, direction matrix) through the installed ITK."""
+    if itk_backend() == "SimpleITK":
+        import SimpleITK as sitk
+
+        img = sitk.ReadImage(str(path))
+        with np.errstate(over="ignore"):
+            arr = sitk.GetArrayFromImage(img).astype(np.float32)
+        d = img.GetDimension()
+        direction = np.asarray(img.GetDirection(), dtype=float).reshape(d, d)
+        return arr, img.GetNumberOfComponentsPerPixel(), img.GetSpacing(), img.GetOrigin(), direction
+    import itk
+
+    img = itk.imread(str(path))
+    with np.errstate(over="ignore"):  # float64 beyond float32's range: infinite, refused below
+        arr = itk.array_from_image(img).astype(np.float32)
+    direction = np.asarray(itk.array_from_matrix(img.GetDirection()), dtype=float)
+    return arr, img.GetNumberOfComponentsPerPixel(), img.GetSpacing(), img.GetOrigin(), direction
 
 
 def _read_itk(path: str, max_pixels: int) -> Image2D:
-    import itk
-
     _check_itk_header(path, max_pixels)
     if suffix_of(path) in (".nii", ".nii.gz"):
         _check_nifti_complete(path)
     try:
-        img = itk.imread(str(path))
-        with np.errstate(over="ignore"):  # float64 beyond float32's range: infinite, refused below
-            arr = itk.array_from_image(img).astype(np.float32)
+        arr, components, spacing, origin, direction = _itk_read(path)
     except Exception as e:  # unsupported pixel types, truncated data
         raise BusiInputError(f"{path}: not a readable image ({_first_line(e)})") from None
-    if img.GetNumberOfComponentsPerPixel() > 1:
+    if components > 1:
         arr = arr[..., :3].mean(axis=-1) if arr.shape[-1] >= 3 else arr[..., 0]
-    spacing = np.asarray(img.GetSpacing(), dtype=float)
-    origin = np.asarray(img.GetOrigin(), dtype=float)
-    direction = np.asarray(itk.array_from_matrix(img.GetDirection()), dtype=float)
+    spacing = np.asarray(spacing, dtype=float)
+    origin = np.asarray(origin, dtype=float)
+    direction = np.asarray(direction, dtype=float)
     volume3d = None
     if arr.ndim == 3:
         # ITK array order is (z, y, x): a 2D image saved as a volume has one slice somewhere.
@@ -313,8 +361,6 @@ def write_array(array: np.ndarray, path: str | Path, like: Image2D | None = None
     PNG/JPEG get the array as is (uint8 masks are scaled to 0/255 for PNG viewers unless float).
     Single-slice volumes keep their 3D geometry so Slicer overlays the result on the source.
     """
-    import itk
-
     path = str(path)
     with atomic_path(path) as tmp:
         ext = suffix_of(path)
@@ -329,19 +375,39 @@ def write_array(array: np.ndarray, path: str | Path, like: Image2D | None = None
             Image.fromarray(arr).save(tmp, format="PNG" if ext == ".png" else None)
         else:
             arr = np.ascontiguousarray(array)
+            geometry = None
             if like is not None and like.volume3d is not None:
-                img = itk.image_from_array(arr[None])
-                img.SetSpacing(like.volume3d["spacing"])
-                img.SetOrigin(like.volume3d["origin"])
-                img.SetDirection(itk.matrix_from_array(np.asarray(like.volume3d["direction"], dtype=float)))
-            else:
-                img = itk.image_from_array(arr)
-                if like is not None:
-                    img.SetSpacing([float(s) for s in like.spacing])
-                    img.SetOrigin([float(o) for o in like.origin])
-                    img.SetDirection(itk.matrix_from_array(np.asarray(like.direction, dtype=float)))
-            itk.imwrite(img, tmp, compression=True)
+                arr = arr[None]
+                geometry = (like.volume3d["spacing"], like.volume3d["origin"], like.volume3d["direction"])
+            elif like is not None:
+                geometry = (like.spacing, like.origin, like.direction)
+            _itk_write(arr, geometry, tmp)
     return path
+
+
+def _itk_write(arr: np.ndarray, geometry: tuple | None, path: str) -> None:
+    """Write through the installed ITK with (spacing, origin, direction) when given, compressed."""
+    if geometry is not None:
+        spacing, origin, direction = ([float(v) for v in np.ravel(g)] for g in geometry)
+    if itk_backend() == "SimpleITK":
+        import SimpleITK as sitk
+
+        img = sitk.GetImageFromArray(arr)
+        if geometry is not None:
+            img.SetSpacing(spacing)
+            img.SetOrigin(origin)
+            img.SetDirection(direction)
+        sitk.WriteImage(img, path, useCompression=True)
+        return
+    import itk
+
+    img = itk.image_from_array(arr)
+    if geometry is not None:
+        img.SetSpacing(spacing)
+        img.SetOrigin(origin)
+        d = len(spacing)
+        img.SetDirection(itk.matrix_from_array(np.asarray(direction, dtype=float).reshape(d, d)))
+    itk.imwrite(img, path, compression=True)
 
 
 def write_mask(mask: np.ndarray, path: str | Path, like: Image2D | None = None) -> str:
