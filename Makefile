@@ -49,7 +49,7 @@ $(VENV)/.installed: pyproject.toml requirements-wheelhouse.txt requirements-whee
 	cat requirements-wheelhouse.txt $$itk | sed 's/#.*//' | grep -Ev "$${skip:-^$$}" | grep . > $(VENV)/.wheelhouse-reqs.txt
 	$(PIP) install -q --no-index --find-links $(WHEELHOUSE) --no-deps -r $(VENV)/.wheelhouse-reqs.txt
 	$(PIP) install -q --no-index --find-links $(WHEELHOUSE) --no-deps -e .
-	$(PY) -c "import monailabel, monai, itk, busi_monai.cli" || { echo "the app does not import: a package is missing from $(WHEELHOUSE) and $(PYTHON)" >&2; exit 1; }
+	$(PY) -c "import monailabel, monai, busi_monai.cli; from busi_monai.data.io import itk_backend; itk_backend()" || { echo "the app does not import: a package is missing from $(WHEELHOUSE) and $(PYTHON)" >&2; exit 1; }
 	touch $@
 else
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) requirements-app.txt

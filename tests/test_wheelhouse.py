@@ -41,9 +41,11 @@ def test_offline_install_from_the_wheelhouse_serves_the_app(tmp_path):
                        capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     py = venv / "bin" / "python"
-    where = subprocess.run([str(py), "-c", "import monailabel, itk, torch; print(monailabel.__file__, torch.__file__)"],
-                           capture_output=True, text=True, env=env, check=True).stdout  # fmt: skip
-    assert str(venv) in where.split()[0] and str(tmp_path / "gpu") in where.split()[1]  # app from the wheelhouse, torch the machine's
+    code = "import monailabel, torch, sys; sys.path.insert(0, sys.argv[1]); from busi_monai.data.io import itk_backend; print(monailabel.__file__, torch.__file__, itk_backend())"
+    where = subprocess.run([str(py), "-c", code, str(REPO)], capture_output=True, text=True, env=env, check=True).stdout.split()
+    assert str(venv) in where[0] and str(tmp_path / "gpu") in where[1]  # app from the wheelhouse, torch the machine's
+    # NIfTI/NRRD through ITK, or through SimpleITK where the wheelhouse was made with ITK=0.
+    assert where[2] == ("itk" if list(wheelhouse.glob("itk_core-*.whl")) else "SimpleITK")
 
     pack = tmp_path / "tiny.npz"
     cli_env = {**env, "PYTHONPATH": str(REPO)}
