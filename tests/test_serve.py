@@ -168,3 +168,15 @@ def test_info_answers_whatever_the_stats_file_holds(sample_dir, trained_model, t
     stats_path.write_text('{"name": "attention_unet", "status": "DO')
     with srv:
         assert info(srv)["train_stats"][MODEL]["status"] == "UNREADABLE"
+
+
+def test_the_warm_up_model_takes_clicks_when_the_app_preset_does(sample_dir, tmp_path):
+    """`serve --preset interactive` publishes a first model that the click tool can use at once."""
+    from busi_monai.data.studies import build_studies
+    from busi_monai.model.checkpoint import load_checkpoint
+    from busi_monai.serve import MODEL_FILENAME, warm_up
+
+    build_studies(sample_dir, tmp_path / "studies", label_fraction=0.5)
+    warm_up(tmp_path / "studies", tmp_path / "model", image_size=32, epochs=1, device="cpu", clicks=True)
+    ck = load_checkpoint(tmp_path / "model" / MODEL_FILENAME)
+    assert ck["network"]["in_channels"] == 3 and ck["recipe"]["network"].endswith("+clicks")
