@@ -146,3 +146,55 @@ def test_a_clinicians_loop_outline_clicks_submit_train(served):
         assert _mask(result).shape == (90, 160)
     finally:  # the other tests compare against the crafted weights
         publish_model(root / "crafted.pt", root / "model")
+
+
+def _click_follower(recipe):
+    """A click network by hand: zero weights but one path from the foreground-click map to the
+    output (the first encoder, the finest skip, the last decoder, the head), so its mask is a
+    small disc around each foreground click and nothing else."""
+    import torch
+
+    from busi_monai.model.networks import build_network
+
+    net = build_network(recipe.network).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.fill_(1.0)
+                m.running_var.fill_(1.0)
+                m.running_mean.zero_()
+        k = net.encoders[0].conv[0].conv.weight.shape[-1] // 2
+        net.encoders[0].conv[0].conv.weight[0, 1, k, k] = 1.0  # input channel 1: foreground clicks
+        net.encoders[0].conv[1].conv.weight[0, 0, k, k] = 1.0
+        net.decoders[-1].conv[0].conv.weight[0, 0, k, k] = 1.0  # the gated skip comes first in the concat
+        net.decoders[-1].conv[1].conv.weight[0, 0, k, k] = 1.0
+        net.head.conv.weight[0, 0, 0, 0] = 40.0
+        net.head.conv.bias.fill_(-10.0)
+    return net
+
+
+def test_the_clicked_pixel_is_inside_the_returned_mask(served):
+    """Axis order end to end: an off-centre click on a non-square image, as Slicer sends it
+    ([i, j, k] = column, row, slice), comes back as an outline around that very pixel."""
+    from busi_monai.model.checkpoint import atomic_torch_save, make_checkpoint
+    from busi_monai.serve import publish_model
+    from busi_monai.training.recipes import get_recipe
+
+    client, _, _, root = served
+    recipe = get_recipe("interactive").with_overrides(image_size=64)
+    atomic_torch_save(make_checkpoint(_click_follower(recipe), recipe, "interactive"), root / "follower.pt")
+    publish_model(root / "follower.pt", root / "model")
+    try:
+        for col, row in ((120, 30), (25, 70)):
+            result, _ = client.infer(CLICKS, IMAGE_ID, {"foreground": [[col, row, 0]], "background": [], "result_extension": ".nrrd"})
+            mask = _mask(result)
+            rows, cols = np.nonzero(mask)
+            assert mask[row, col] == 1, f"click at column {col}, row {row} not inside its outline"
+            assert abs(rows.mean() - row) <= 3 and abs(cols.mean() - col) <= 3
+            assert mask.sum() < 0.05 * mask.size, "an outline around the click, not the whole image"
+        empty, _ = client.infer(CLICKS, IMAGE_ID, {"foreground": [], "background": [], "result_extension": ".nrrd"})
+        assert not _mask(empty).any(), "no click, no outline"
+    finally:
+        publish_model(root / "crafted.pt", root / "model")
