@@ -3,7 +3,7 @@
 The command for the GPU machine (the `run` tool; repo root of a checkout copy, `.gpu/busi256.npz`
 carried; at most 8 minutes):
 
-    python benchmarks/scripts/gpu_full_cv.py --pack .gpu/busi256.npz --out "$OUT/full_cv" --budget-s 450
+    python3 -c "import monai" 2>/dev/null || python3 -m pip install -q --no-deps .whl/monai-*.whl; python3 benchmarks/scripts/gpu_full_cv.py --pack .gpu/busi256.npz --out "$OUT/full_cv" --budget-s 450
 
 Ablations of each ingredient on held-out fold 0 (one more call; carry both packs):
 
@@ -284,7 +284,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU check: the fast network, 2 epochs, the pack's size")
     a = ap.parse_args(argv)
 
-    # 1. Inputs, before anything slow.
+    # 1. Inputs, before anything slow. The GPU image has PyTorch but not MONAI: carry its wheel.
+    try:
+        import monai  # noqa: F401
+    except ImportError:
+        raise InputError("MONAI is not installed: carry .whl/monai-*.whl and `python3 -m pip install --no-deps .whl/monai-*.whl` first") from None
     from busi_monai.device import resolve_device
     from busi_monai.jsonio import write_json
     from busi_monai.training.recipes import Recipe, get_recipe
