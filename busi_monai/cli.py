@@ -79,7 +79,6 @@ def cmd_evaluate(a):
 def cmd_infer(a):
     from busi_monai.data.io import read_image, write_array, write_mask
     from busi_monai.inference.predictor import Predictor
-    from busi_monai.interactive.guidance import rowcol_from_xy
 
     pred = Predictor(a.model, device=a.device, confidence_gate=a.confidence_gate)
     out = Path(a.out)
@@ -87,7 +86,7 @@ def cmd_infer(a):
     if a.foreground or a.background:
         if len(images) != 1:
             raise ValueError("--foreground/--background click on one image; give exactly one")
-        fg, bg = (rowcol_from_xy(_points(v, images[0])) for v in (a.foreground, a.background))
+        fg, bg = (_points(v, images[0]) for v in (a.foreground, a.background))
         predictions = [pred.predict_clicks(images[0], fg, bg)]
     else:
         predictions = pred.predict(images)
@@ -105,17 +104,19 @@ def cmd_infer(a):
 
 
 def _points(texts: list[str], image) -> list[tuple[float, float]]:
-    """``X,Y`` pixel positions (X the column, Y the row) inside ``image``."""
-    h, w = image.shape
+    """``X,Y`` pixel positions (X the column, Y the row) inside ``image``, as (row, col)."""
+    from busi_monai.interactive.guidance import rowcol_inside
+
     out = []
     for t in texts:
         try:
             x, y = (float(v) for v in t.split(","))
         except ValueError:
             raise ValueError(f"click {t!r}: expected X,Y (column,row), e.g. 120,84") from None
-        if not (0 <= x < w and 0 <= y < h):
-            raise ValueError(f"click {t!r} lies outside the {w}x{h} image (X is the column, Y the row)")
-        out.append((x, y))
+        try:
+            out.append(rowcol_inside(x, y, image.shape))
+        except ValueError as e:
+            raise ValueError(f"click {t!r} {e}") from None
     return out
 
 

@@ -14,6 +14,7 @@ from .guidance import (
     click_maps_batch,
     clicks_to_tensors,
     rowcol_from_xy,
+    rowcol_inside,
     scale_clicks,
 )
 from .protocol import (
@@ -52,6 +53,7 @@ __all__ = [
     "plot_dice_vs_clicks",
     "protocol_click",
     "rowcol_from_xy",
+    "rowcol_inside",
     "sample_corrective_clicks",
     "sample_initial_clicks",
     "scale_clicks",

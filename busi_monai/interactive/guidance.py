@@ -31,6 +31,15 @@ def rowcol_from_xy(points: Sequence[Sequence[float]]) -> list[Click]:
     return [(float(p[1]), float(p[0])) for p in points]
 
 
+def rowcol_inside(x: float, y: float, shape: Sequence[int]) -> Click:
+    """A click given as (x, y) = (column, row), as the command line and Slicer give it, checked to
+    lie on an image of ``shape`` (H, W) and returned as (row, col); ValueError otherwise."""
+    h, w = int(shape[-2]), int(shape[-1])
+    if not (0 <= x < w and 0 <= y < h):
+        raise ValueError(f"lies outside the {w}x{h} image (x is the column, y the row)")
+    return (float(y), float(x))
+
+
 def scale_clicks(clicks: Sequence[Sequence[float]], from_shape: Sequence[int], to_shape: Sequence[int]) -> list[Click]:
     """Clicks on an image of ``from_shape`` (H, W) moved onto the same image resized to ``to_shape``.
 

@@ -174,16 +174,18 @@ def request_points(request: dict, key: str, shape: tuple[int, int]) -> list[tupl
     points = request.get(key) or []
     if not isinstance(points, list) or not all(isinstance(p, (list, tuple)) and len(p) >= 2 for p in points):
         raise http_error(422, f"{key}: expected a list of [x, y] or [i, j, k] points, got {points!r}"[:200])
-    h, w = shape
+    from busi_monai.interactive.guidance import rowcol_inside
+
     out = []
     for p in points:
         try:
             x, y = float(p[0]), float(p[1])
         except (TypeError, ValueError):
             raise http_error(422, f"{key}: point {p!r} is not numeric"[:200]) from None
-        if not (0 <= x < w and 0 <= y < h):
-            raise http_error(422, f"{key}: point {list(p)} lies outside the {w}x{h} image ([column, row])")
-        out.append((y, x))
+        try:
+            out.append(rowcol_inside(x, y, shape))
+        except ValueError as e:
+            raise http_error(422, f"{key}: point {list(p)} {e}") from None
     return out
 
 
