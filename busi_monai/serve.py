@@ -83,6 +83,7 @@ def warm_up(
 
     from busi_monai.data.packs import cache_items
     from busi_monai.data.splits import split_validation
+    from busi_monai.model.networks import takes_clicks
     from busi_monai.training.loop import TrainingError, fit
     from busi_monai.training.recipes import get_recipe
     from busi_monai.training.runs import usable_items
@@ -94,7 +95,7 @@ def warm_up(
     if len(items) > max_images:
         items = random.Random(0).sample(items, max_images)
     recipe = get_recipe(preset).with_overrides(epochs=epochs, image_size=image_size)
-    if clicks and "+clicks" not in recipe.network:
+    if clicks and not takes_clicks(recipe.network):
         recipe = recipe.with_overrides(network=recipe.network + "+clicks")
     image_size = recipe.image_size
     train_items, val_items = split_validation(items, recipe.val_fraction, seed=0)
@@ -164,11 +165,12 @@ def main(argv=None) -> int:
 
     weights = Path(conf["model_dir"]) / MODEL_FILENAME
     if not weights.exists() and not conf.get("bundle") and not a.no_warmup:
+        from busi_monai.model.networks import takes_clicks
         from busi_monai.training.loop import TrainingError
         from busi_monai.training.recipes import get_recipe
 
         try:
-            clicks = "+clicks" in get_recipe(conf.get("preset") or "paper").network
+            clicks = takes_clicks(get_recipe(conf.get("preset") or "paper").network)
             s = warm_up(studies, conf["model_dir"], image_size=a.warmup_size, epochs=a.warmup_epochs, device=a.device, clicks=clicks)
         except TrainingError as e:
             print(f"busi-monai serve: no first model: {e}. Label some images in Slicer and press Train.", flush=True)

@@ -159,6 +159,11 @@ def network_config(spec: str) -> NetworkConfig:
     return cfg
 
 
+def takes_clicks(spec: str) -> bool:
+    """Whether the network of a spec reads click maps (option ``+clicks``)."""
+    return network_config(spec).in_channels > 1
+
+
 @runtime_checkable
 class SegmentationNetwork(Protocol):
     """What the rest of busi-monai needs of a network, so that another architecture can be added

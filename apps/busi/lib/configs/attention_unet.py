@@ -103,9 +103,9 @@ class AppSettings:
     @property
     def takes_clicks(self) -> bool:
         """The preset trains a click-guided network (``+clicks``), so Slicer gets the click tool too."""
-        from busi_monai.model.networks import network_config
+        from busi_monai.model.networks import takes_clicks
 
-        return network_config(self.recipe.network).in_channels > 1
+        return takes_clicks(self.recipe.network)
 
     @property
     def model_path(self) -> str:
