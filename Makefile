@@ -63,6 +63,13 @@ endif
 serve: install
 	$(PY) -m busi_monai.serve --studies $(STUDIES) --host $(HOST) --port $(PORT)
 
+# `make test ISA=avx2` runs the suite as a CPU without AVX-512 (and so without native bf16) would:
+# PyTorch's and oneDNN's kernels limited to AVX2, which also makes training choose fp32.
+ifeq ($(ISA),avx2)
+test test-all: export ATEN_CPU_CAPABILITY := avx2
+test test-all: export ONEDNN_MAX_CPU_ISA := AVX2
+endif
+
 test: install
 	$(PY) -m pytest -q -m "not slow" --durations=15
 

@@ -32,5 +32,16 @@ def mixed_precision(dev: torch.device) -> bool:
             native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         except AttributeError:
             return False
-        return native and torch.backends.mkldnn.is_available()
+        return native and torch.backends.mkldnn.is_available() and not _onednn_capped_below_bf16()
     return False
+
+
+# oneDNN's ISA names (ONEDNN_MAX_CPU_ISA) from which on it has native bf16 kernels.
+_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2", "ALL")
+
+
+def _onednn_capped_below_bf16() -> bool:
+    """True when ONEDNN_MAX_CPU_ISA (or its old name DNNL_MAX_CPU_ISA) holds oneDNN below its
+    bf16 kernels: bf16 is then emulated there, many times slower than fp32."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return bool(cap) and cap.strip().upper() not in _BF16_ISAS
