@@ -113,10 +113,10 @@ PRESETS: dict[str, Recipe] = {
     ),
     # The full-size recipe (#19): the paper network with deep supervision at 256 px, trained as
     # nnU-Net v2 trains 2D data: SGD with Nesterov momentum 0.99 at 1e-2, poly decay (0.9),
-    # batch Dice + cross-entropy, deep-supervision weights halving per stage, a third of each
-    # batch with lesion pixels, nnU-Net's augmentation and a long schedule. Its choices (and
-    # pad_square, largest_component, epochs and batch size) are to be confirmed on CV folds on a
-    # GPU (benchmarks/scripts/gpu_full_cv.py --ablations); none is measured at full size yet.
+    # deep-supervision weights halving per stage, a third of each batch with lesion pixels,
+    # nnU-Net's augmentation and a long schedule. The loss is per-image Dice + BCE, not
+    # nnU-Net's batch Dice: on the CPU-scale screen batch Dice lost most (README, Results).
+    # The rest is to be confirmed on CV folds on a GPU (gpu_full_cv.py --ablations).
     "full": Recipe(
         network="paper+ds",
         image_size=256,
@@ -128,7 +128,7 @@ PRESETS: dict[str, Recipe] = {
         weight_decay=3e-5,
         lr_schedule="poly",
         poly_exponent=0.9,
-        loss="dice_ce_batch",
+        loss="dice_bce",
         ds_weights="halving",
         sampler="foreground",
         foreground_fraction=0.33,
