@@ -462,3 +462,17 @@ def test_ensemble_bundle_equals_busi_monai_infer(cv_dir, image_dir, sample_dir, 
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
         np.testing.assert_allclose(ts(x).numpy(), direct.averaged(x).numpy(), atol=1e-5)
+
+
+def test_train_json_reproduces_only_the_papers_recipe():
+    """The bundle says whether its train.json (MONAI's SupervisedTrainer, paper recipe) trains
+    what the weights were trained with; any other optimiser, sampler or loss says no."""
+    from busi_monai.bundle.export import train_json_reproduces
+    from busi_monai.training.recipes import get_recipe
+
+    assert train_json_reproduces(get_recipe("paper").to_dict())
+    assert train_json_reproduces(get_recipe("fast").to_dict())  # the same recipe on the small network
+    for preset in ("best", "full", "interactive"):
+        assert not train_json_reproduces(get_recipe(preset).to_dict()), preset
+    for change in ({"sampler": "foreground"}, {"optimizer": "sgd_nesterov"}, {"pad_square": True}):
+        assert not train_json_reproduces(get_recipe("paper").with_overrides(**change).to_dict()), change

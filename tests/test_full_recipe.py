@@ -30,7 +30,9 @@ def test_paper_preset_is_unchanged_field_by_field():
     # The new fields' defaults are the earlier behaviour in every earlier preset.
     for name in ("paper", "fast", "best", "warmup"):
         r = PRESETS[name]
-        assert (r.optimizer, r.ds_weights, r.sampler, r.pad_square, r.largest_component) == ("adam", "exp", "shuffle", False, False)
+        assert (r.optimizer, r.ds_weights, r.pad_square, r.largest_component) == ("adam", "exp", False, False)
+        # `best` took the foreground sampler on cross-validation (README, Results); the rest shuffle.
+        assert r.sampler == ("foreground" if name == "best" else "shuffle")
 
 
 def test_full_preset_holds_the_nnunet_ingredients():

@@ -129,7 +129,10 @@ def _versions() -> dict:
 # What configs/train.json trains (MONAI's SupervisedTrainer, needing only MONAI): the paper's
 # recipe. A checkpoint trained otherwise (e.g. `best`: Dice+BCE, busi-monai's batched ultrasound
 # augmentation, cosine) is not reproduced by it, and the bundle says so.
-TRAIN_JSON_RECIPE = {"loss": "bce", "augment": "none", "lr_schedule": "exponential", "weight_decay": 0.0}
+TRAIN_JSON_RECIPE = {
+    "loss": "bce", "augment": "none", "lr_schedule": "exponential", "weight_decay": 0.0,
+    "optimizer": "adam", "sampler": "shuffle", "pad_square": False,
+}  # fmt: skip
 
 
 def train_json_reproduces(recipe: dict) -> bool:
