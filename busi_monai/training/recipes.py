@@ -102,7 +102,8 @@ PRESETS: dict[str, Recipe] = {
         loss="dice_bce",
         val_fraction=0.15,
     ),
-    # The click-guided model (MONAI Label's DeepGrow/DeepEdit idea): `best`'s recipe on the fast
+    # The click-guided model (MONAI Label's DeepGrow/DeepEdit idea): `best`'s recipe (without its
+    # foreground sampler, not yet measured with clicks) on the fast
     # network with two click-map channels. A share of each batch trains without clicks, so one
     # network is both the automatic and the click model; the rest gets a click from the truth and
     # up to `click_rounds` corrective clicks from its own errors. On a GPU at full size:
