@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from busi_monai.device import PRECISION_HELP, PRECISIONS
 from busi_monai.jsonio import dumps
 from busi_monai.training.recipes import PRESETS, Recipe
 
@@ -59,7 +60,7 @@ def cmd_train(a):
         a.data, a.out, preset=a.preset, epochs=a.epochs, batch_size=a.batch_size, image_size=a.image_size,
         learning_rate=a.learning_rate, device=a.device, resume=a.resume, seed=a.seed, compile_model=a.compile,
         overrides=dict(Recipe.parse_override(t) for t in a.set),
-        amp={"auto": None, "bf16": True, "fp32": False}[a.precision],
+        amp=PRECISIONS[a.precision],
     )
     _print_json(summary)
 
@@ -171,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--resume", action="store_true", help="continue RUN/last.pt")
     s.add_argument("--compile", action="store_true", help="torch.compile the network")
-    s.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="bf16 autocast (auto: where the hardware does bf16 natively; BUSI_MONAI_AMP=0 makes auto fp32)")
+    s.add_argument("--precision", choices=list(PRECISIONS), default="auto", help=PRECISION_HELP)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a recipe field (ablations), e.g. --set augment=none")
     s.set_defaults(func=cmd_train)

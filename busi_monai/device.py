@@ -19,6 +19,11 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+# `--precision` choices: bf16 autocast on, off, or None to let :func:`mixed_precision` decide.
+PRECISIONS = {"auto": None, "bf16": True, "fp32": False}
+PRECISION_HELP = "bf16 autocast (auto: where the hardware does bf16 natively; BUSI_MONAI_AMP=0 makes auto fp32)"
+
+
 def mixed_precision(dev: torch.device) -> bool:
     """Train in bf16 autocast where the hardware does bf16 natively: CUDA GPUs that support it,
     and CPUs with AVX-512 BF16 or AMX (oneDNN), where bf16 with channels-last is faster per core

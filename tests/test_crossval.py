@@ -53,7 +53,7 @@ def test_cv_side_by_side_chooses_a_gate_and_serves_the_ensemble(prepared_sample,
 
     out = tmp_path / "cv"
     args = ["cv", "--data", str(prepared_sample), "--preset", "fast", "--folds", "2", "--epochs", "2", "--image-size", "32"]
-    args += ["--device", "cpu", "--jobs", "2", "--out", str(out), "--set", "loss=dice_bce"]
+    args += ["--device", "cpu", "--jobs", "2", "--out", str(out), "--set", "loss=dice_bce", "--precision", "fp32"]
     assert main(args) == 0
     cv = json.loads((out / "cv.json").read_text())
     assert [f["fold"] for f in cv["folds"]] == [0, 1]
@@ -61,6 +61,8 @@ def test_cv_side_by_side_chooses_a_gate_and_serves_the_ensemble(prepared_sample,
     assert sum(f["n_held_out"] for f in cv["folds"]) == n_train
     # Each fold ran in its own process and logged there.
     assert all((out / f"fold{f}" / "train.log").is_file() for f in (0, 1))
+    # --precision reaches each fold's process (fp32 even where the CPU has bf16).
+    assert [json.loads((out / f"fold{f}" / "summary.json").read_text())["amp_bf16"] for f in (0, 1)] == [False, False]
 
     gate = json.loads((out / "gate.json").read_text())
     assert (out / "gate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -17,7 +17,7 @@ import numpy as np
 
 from busi_monai.data.datasets import load_split
 from busi_monai.data.splits import grouped_stratified_folds, split_cached
-from busi_monai.device import resolve_device
+from busi_monai.device import PRECISION_HELP, PRECISIONS, resolve_device
 from busi_monai.jsonio import dumps, write_json
 from busi_monai.training.loop import TrainingError, fit
 from busi_monai.training.recipes import get_recipe
@@ -39,12 +39,14 @@ def cross_validate(
     compile_model: bool = False,
     jobs: int = 1,
     skip_training: bool = False,
+    amp: bool | None = None,
 ) -> dict:
     """Train and score each fold, then summarise every ``fold*/fold.json`` found in ``out``.
 
     ``jobs`` > 1 trains that many folds at once, each in its own process with its share of the
     cores (on a 2-core CPU two one-thread processes beat one two-thread process). On a GPU keep
-    1: processes time-sharing one GPU each run that much slower.
+    1: processes time-sharing one GPU each run that much slower. ``amp`` as for
+    :func:`~busi_monai.training.loop.fit` (None: bf16 where the hardware does it natively).
     """
     explicit = {k: v for k, v in (("epochs", epochs), ("image_size", image_size)) if v is not None}
     recipe = get_recipe(preset).with_overrides(**{**(overrides or {}), **explicit})
@@ -54,15 +56,15 @@ def cross_validate(
     if skip_training:
         wanted = []
     elif jobs > 1 and len(wanted) > 1:
-        _run_fold_processes(data, out, preset, folds, recipe, device, seed, wanted, compile_model, jobs, progress)
+        _run_fold_processes(data, out, preset, folds, recipe, device, seed, wanted, compile_model, jobs, progress, amp)
     else:
-        _train_folds(data, out, preset, folds, recipe, device, seed, wanted, compile_model, progress)
+        _train_folds(data, out, preset, folds, recipe, device, seed, wanted, compile_model, progress, amp)
     if only_folds is None and all((out / f"fold{f}" / "model.pt").is_file() for f in range(folds)):
         choose_gate(data, out, folds, seed, recipe, device, progress)
     return summarize_folds(out, preset, recipe)
 
 
-def _train_folds(data, out: Path, preset, folds, recipe, device, seed, wanted, compile_model, progress) -> None:
+def _train_folds(data, out: Path, preset, folds, recipe, device, seed, wanted, compile_model, progress, amp=None) -> None:
     from busi_monai.model.checkpoint import load_checkpoint, model_from_checkpoint
 
     cached = load_split(data, "training", recipe.image_size, progress, recipe.pad_square)
@@ -73,7 +75,7 @@ def _train_folds(data, out: Path, preset, folds, recipe, device, seed, wanted, c
         held_set = set(held)
         rest = [i for i in range(len(cached)) if i not in held_set]
         train, val = split_cached(cached.subset(rest), recipe.val_fraction, seed + f)
-        summary = fit(train, val, out / f"fold{f}", preset, recipe, device=device, progress=progress, seed=seed + f, compile_model=compile_model)
+        summary = fit(train, val, out / f"fold{f}", preset, recipe, device=device, progress=progress, seed=seed + f, compile_model=compile_model, amp=amp)
         # Score the fold's best model on its held-out fold at network resolution.
         model = model_from_checkpoint(load_checkpoint(out / f"fold{f}" / "model.pt"), dev)
         held_data = cached.subset(held).to(dev)
@@ -86,7 +88,7 @@ def _train_folds(data, out: Path, preset, folds, recipe, device, seed, wanted, c
         write_json(rec, out / f"fold{f}" / "fold.json")
 
 
-def _run_fold_processes(data, out: Path, preset, folds, recipe, device, seed, wanted, compile_model, jobs, progress) -> None:
+def _run_fold_processes(data, out: Path, preset, folds, recipe, device, seed, wanted, compile_model, jobs, progress, amp=None) -> None:
     """Each fold in its own ``busi-monai cv --only-folds F`` process, ``jobs`` at a time."""
     import subprocess
     import sys
@@ -94,6 +96,7 @@ def _run_fold_processes(data, out: Path, preset, folds, recipe, device, seed, wa
     from tqdm.auto import tqdm
 
     overrides = [a for k, v in recipe.to_dict().items() for a in ("--set", f"{k}={v}")]
+    precision = next(name for name, value in PRECISIONS.items() if value is amp)
     pending, running, failed = list(wanted), {}, []
     bar = tqdm(total=len(wanted), desc="cv folds", unit="fold", disable=not progress)
     while pending or running:
@@ -102,7 +105,7 @@ def _run_fold_processes(data, out: Path, preset, folds, recipe, device, seed, wa
             (out / f"fold{f}").mkdir(parents=True, exist_ok=True)
             cmd = [
                 sys.executable, "-m", "busi_monai.cli", "cv", "--data", str(data), "--out", str(out), "--preset", preset,
-                "--folds", str(folds), "--device", device, "--seed", str(seed), "--only-folds", str(f), *overrides,
+                "--folds", str(folds), "--device", device, "--seed", str(seed), "--only-folds", str(f), "--precision", precision, *overrides,
                 *(["--compile"] if compile_model else []),
             ]  # fmt: skip
             log = open(out / f"fold{f}" / "train.log", "w")
@@ -214,13 +217,14 @@ def register_cli(sub) -> None:
     s.add_argument("--compile", action="store_true", help="torch.compile the training step (CUDA graphs on a GPU)")
     s.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a recipe field, as for train")
     s.add_argument("--skip-training", action="store_true", help="only summarise the folds already in --out (held-out scores, the gate)")
+    s.add_argument("--precision", choices=list(PRECISIONS), default="auto", help=PRECISION_HELP)
 
     def run(a):
         only = [int(x) for x in a.only_folds.split(",")] if a.only_folds else None
         res = cross_validate(
             a.data, a.out, a.preset, a.folds, a.epochs, a.image_size, a.device, a.seed, only_folds=only,
             overrides=dict(Recipe.parse_override(t) for t in a.set), compile_model=a.compile, jobs=a.jobs,
-            skip_training=a.skip_training,
+            skip_training=a.skip_training, amp=PRECISIONS[a.precision],
         )  # fmt: skip
         print(dumps(res))
 
