@@ -200,30 +200,41 @@ def _server_round_trip(model_path: str, image_items: list[dict], reps: int = 5, 
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _end_to_end(preset: str, data: CachedData, size: int, device: str, compile_model: bool) -> dict:
-    """``fit`` as ``busi-monai train`` runs it: the preset's recipe (its epochs, batch and
-    schedule) on 624 images, compilation, checkpoints and all, timed by the wall clock."""
+def end_to_end_fit(
+    preset: str, data: CachedData, size: int, device: str, compile_model: bool = False, cuda_graphs: bool = False,
+    out: str | Path | None = None, images: int = PAPER_IMAGES, epochs: int | None = None,
+) -> dict:
+    """``fit`` as ``busi-monai train`` runs it: the preset's recipe (its epochs unless
+    ``epochs``, its batch and schedule) on ``images`` images (``data``'s, repeated), compilation or
+    graph capture, checkpoints and all, timed by the wall clock. The run is written to ``out``
+    (default: a temporary folder)."""
     import tempfile
 
     from busi_monai.training.loop import fit
 
-    reps = (PAPER_IMAGES + len(data) - 1) // len(data)
-    images = _at_size(data.images, size).repeat(reps, 1, 1, 1)[:PAPER_IMAGES]
-    labels = (_at_size(data.labels, size) > 0.5).float().repeat(reps, 1, 1, 1)[:PAPER_IMAGES]
-    train = CachedData(images, labels, [{"id": str(i)} for i in range(PAPER_IMAGES)])
-    recipe = get_recipe(preset)
-    with tempfile.TemporaryDirectory() as out:
+    n = images
+    reps = (n + len(data) - 1) // len(data)
+    images = _at_size(data.images, size).repeat(reps, 1, 1, 1)[:n]
+    labels = (_at_size(data.labels, size) > 0.5).float().repeat(reps, 1, 1, 1)[:n]
+    train = CachedData(images, labels, [{"id": str(i)} for i in range(n)])
+    recipe = get_recipe(preset).with_overrides(image_size=size, **({"epochs": epochs} if epochs else {}))
+    with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        summary = fit(train, CachedData(images[:0], labels[:0], []), out, preset, recipe, device=device, progress=False, compile_model=compile_model)
+        summary = fit(
+            train, CachedData(images[:0], labels[:0], []), out or tmp, preset, recipe, device=device, progress=False,
+            compile_model=compile_model, cuda_graphs=cuda_graphs,
+        )  # fmt: skip
         wall = time.perf_counter() - t
     return {
-        "images": PAPER_IMAGES,
+        "images": n,
         "epochs": recipe.epochs,
         "batch_size": recipe.batch_size,
         "wall_s": wall,
         "train_loop_s": summary["train_time_s"],
         "checkpoint_writes": summary["checkpoint_writes"],
         "compiled": compile_model,
+        "cuda_graphs": cuda_graphs,
+        "amp_bf16": summary["amp_bf16"],
     }
 
 
@@ -237,6 +248,7 @@ def run_benchmark(
     server: bool = True,
     pack: str | None = None,
     end_to_end: bool = False,
+    cuda_graphs: bool = False,
 ) -> dict:
     dev = resolve_device(device)
     torch.backends.cudnn.benchmark = True
@@ -308,7 +320,7 @@ def run_benchmark(
         r["train_speedup_fast_vs_plain"] = r["fast_train_images_per_s"] / r["plain_train_images_per_s"]
         del model, fmodel, run_model
         if end_to_end:
-            r["end_to_end"] = _end_to_end(preset, full, size, device, compile_model)
+            r["end_to_end"] = end_to_end_fit(preset, full, size, device, compile_model, cuda_graphs)
         result["presets"][preset] = r
     if server and items is not None:
         import tempfile
@@ -334,6 +346,7 @@ def register_cli(sub) -> None:
     s.add_argument("--pack", help="a .npz from `busi-monai pack` for the cached training/inference data (--data then only feeds the plain per-image pipeline)")
     s.add_argument("--presets", default="paper,fast")
     s.add_argument("--compile", action="store_true")
+    s.add_argument("--cuda-graphs", action="store_true", help="--end-to-end: replay the training step as a CUDA graph instead of compiling")
     s.add_argument("--image-size", type=int, help="one training/inference size for every preset (default: each preset's own)")
     s.add_argument("--no-server", action="store_true", help="skip the MONAI Label /infer round trip")
     s.add_argument(
@@ -345,7 +358,7 @@ def register_cli(sub) -> None:
         t0 = time.time()
         res = run_benchmark(
             a.data, a.device, a.quick, tuple(a.presets.split(",")), image_size=a.image_size,
-            compile_model=a.compile, server=not a.no_server, pack=a.pack, end_to_end=a.end_to_end,
+            compile_model=a.compile, server=not a.no_server, pack=a.pack, end_to_end=a.end_to_end, cuda_graphs=a.cuda_graphs,
         )  # fmt: skip
         res["wall_s"] = round(time.time() - t0, 1)
         write_json(res, a.out)

@@ -60,7 +60,7 @@ def cmd_train(a):
         a.data, a.out, preset=a.preset, epochs=a.epochs, batch_size=a.batch_size, image_size=a.image_size,
         learning_rate=a.learning_rate, device=a.device, resume=a.resume, seed=a.seed, compile_model=a.compile,
         overrides=dict(Recipe.parse_override(t) for t in a.set),
-        amp=PRECISIONS[a.precision],
+        amp=PRECISIONS[a.precision], cuda_graphs=a.cuda_graphs,
     )
     _print_json(summary)
 
@@ -172,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--resume", action="store_true", help="continue RUN/last.pt")
     s.add_argument("--compile", action="store_true", help="torch.compile the network")
+    s.add_argument("--cuda-graphs", action="store_true", help="replay each full batch's step as one CUDA graph: no compile time (adam only; eager on a CPU)")
     s.add_argument("--precision", choices=list(PRECISIONS), default="auto", help=PRECISION_HELP)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a recipe field (ablations), e.g. --set augment=none")

@@ -75,8 +75,10 @@ def say(msg: str) -> None:
 
 
 class InputError(SystemExit):
+    """A missing or wrong input, said before anything slow (gpu_fresh_train.py raises it too)."""
+
     def __init__(self, msg: str):
-        super().__init__(f"gpu_full_cv: {msg}")
+        super().__init__(f"input error: {msg}")
 
 
 def check_pack(path: Path, image_size: int | None, pad_square: bool, folds: int, need_test: bool) -> dict:

@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from busi_monai.model.checkpoint import (
 )
 from busi_monai.model.networks import build_network, network_config
 from busi_monai.training.augmentation import augmentation
+from busi_monai.training.graphs import GraphedStep
 from busi_monai.training.losses import make_loss
 from busi_monai.training.optimizers import make_optimizer
 from busi_monai.training.recipes import Recipe, get_recipe
@@ -68,6 +70,9 @@ class RunSettings:
         progress: show a progress bar.
         on_epoch: called with each epoch's record (the app's trainer reports through it).
         compile_model: torch.compile the training step.
+        cuda_graphs: replay each full batch's whole step (forward, loss, backward, Adam step) as
+            one CUDA graph (:class:`~busi_monai.training.graphs.GraphedStep`): no compilation;
+            eager where there is no GPU. Not with ``compile_model``.
         checkpoint_overhead: the share of the time checkpoints may take (see :class:`CheckpointPacer`).
         amp: bf16 autocast on or off; None decides by the hardware (:func:`mixed_precision`).
     """
@@ -79,6 +84,7 @@ class RunSettings:
     progress: bool = True
     on_epoch: Callable[[dict], None] | None = None
     compile_model: bool = False
+    cuda_graphs: bool = False
     checkpoint_overhead: float = CHECKPOINT_OVERHEAD
     amp: bool | None = None
 
@@ -123,7 +129,12 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self.optimizer = make_optimizer(recipe, self.model.parameters(), dev)
+        if settings.compile_model and settings.cuda_graphs:
+            raise TrainingError("compile_model and cuda_graphs exclude each other: torch.compile records its own CUDA graphs")
+        try:
+            self.optimizer = make_optimizer(recipe, self.model.parameters(), dev, graph_safe=settings.cuda_graphs)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
         self.sampler = make_sampler(recipe, train.labels)
         self.scheduler = make_scheduler(recipe, self.optimizer, recipe.epochs)
         self.loss_fn = make_loss(recipe, self.model.config.deep_supervision)
@@ -173,15 +184,25 @@ class Trainer:
                 x = self.with_clicks(x, y)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=self.dev.type, dtype=torch.bfloat16, enabled=self.amp):
-                seg, aux = (step if x.shape[0] == r.batch_size else model.forward_parts)(x)
-                loss = self.loss_fn([p.float() for p in (seg, *aux)], y) if aux else self.loss_fn(seg.float(), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            loss = (step if x.shape[0] == r.batch_size else self.eager_step)(x, y)
             total += loss.detach() * x.shape[0]
         self.scheduler.step()
         return float(total) / n
+
+    def learn(self, x: torch.Tensor, y: torch.Tensor, forward=None, autocast_cache: bool = True) -> torch.Tensor:
+        """Forward (``forward``, default the model's), loss, backward and optimiser step on one
+        batch whose gradients are already zero or None; returns the loss."""
+        with torch.autocast(device_type=self.dev.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=autocast_cache):
+            seg, aux = (forward or self.model.forward_parts)(x)
+            loss = self.loss_fn([p.float() for p in (seg, *aux)], y) if aux else self.loss_fn(seg.float(), y)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+    def eager_step(self, x: torch.Tensor, y: torch.Tensor, forward=None) -> torch.Tensor:
+        # Beside a CUDA graph the gradients are zeroed in place: the graph holds their memory.
+        self.optimizer.zero_grad(set_to_none=not self.settings.cuda_graphs)
+        return self.learn(x, y, forward)
 
     @torch.no_grad()
     def with_clicks(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -237,16 +258,21 @@ class Trainer:
         r, s = self.recipe, self.settings
         self.restore()
         write_json(split_record(self.train_items, self.val_items), self.out / "split.json")
-        # Full batches through the compiled step (CUDA graphs need fixed shapes); the last, smaller
-        # one eagerly rather than recording a second graph for it.
-        step = compile_network(self.model.forward_parts, self.dev) if s.compile_model else self.model.forward_parts
+        # Full batches through the compiled or graphed step (CUDA graphs need fixed shapes); the
+        # last, smaller one eagerly rather than recording a second graph for it.
+        if s.compile_model:
+            step = partial(self.eager_step, forward=compile_network(self.model.forward_parts, self.dev))
+        elif s.cuda_graphs:
+            step = GraphedStep(partial(self.learn, autocast_cache=False), self.optimizer)
+        else:
+            step = self.eager_step
         writer = _tensorboard(self.out / "tensorboard")
         g = torch.Generator().manual_seed(s.seed + self.start_epoch)
         bar = tqdm(range(self.start_epoch, r.epochs), desc="train", unit="epoch", disable=not s.progress, initial=self.start_epoch, total=r.epochs)
         t0 = time.time()
         for epoch in bar:
             loss = self.train_epoch(epoch, g, step)
-            rec = {"epoch": epoch + 1, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "time_s": time.time() - t0}
+            rec = {"epoch": epoch + 1, "loss": loss, "lr": float(self.optimizer.param_groups[0]["lr"]), "time_s": time.time() - t0}
             rec.update(self.validate())
             self.history.append(rec)
             for k, v in rec.items():
@@ -331,6 +357,7 @@ def train_dataset(
     compile_model: bool = False,
     overrides: dict | None = None,
     amp: bool | None = None,
+    cuda_graphs: bool = False,
 ) -> dict:
     """Train on a prepared dataset (directory with dataset.json) or a pack (.npz).
 
@@ -339,5 +366,5 @@ def train_dataset(
     named = {"epochs": epochs, "batch_size": batch_size, "image_size": image_size, "learning_rate": learning_rate}
     recipe = get_recipe(preset).with_overrides(**{**(overrides or {}), **{k: v for k, v in named.items() if v is not None}})
     train, val = split_cached(load_split(data, "training", recipe.image_size, progress, recipe.pad_square), recipe.val_fraction, seed)
-    settings = RunSettings(device=device, seed=seed, resume=resume, progress=progress, compile_model=compile_model, amp=amp)
+    settings = RunSettings(device=device, seed=seed, resume=resume, progress=progress, compile_model=compile_model, amp=amp, cuda_graphs=cuda_graphs)
     return fit(train, val, out, preset, recipe, settings)
