@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # The sibling script's input checks and environment record.
-from gpu_full_cv import InputError, check_pack, environment
+from gpu_full_cv import InputError, check_pack, environment, gpu_device
 
 WAYS = {"eager": {}, "compile": {"compile_model": True}, "cuda_graphs": {"cuda_graphs": True}}
 TIMEOUT_S = 240  # per way; the paper recipe took 61-97 s on an H200 with torch.compile
@@ -93,7 +93,6 @@ def main(argv=None) -> int:
         import monai  # noqa: F401
     except ImportError:
         raise InputError("MONAI is not installed: carry .whl/monai-*.whl and `python3 -m pip install --no-deps .whl/monai-*.whl` first") from None
-    from busi_monai.device import resolve_device
     from busi_monai.jsonio import write_json
 
     ways = [w for w in a.ways.split(",") if w]
@@ -103,12 +102,7 @@ def main(argv=None) -> int:
     info = check_pack(Path(a.pack), None if a.tiny else 256, False, 1, need_test=False)
     if not info["n_test"]:
         raise InputError(f"{a.pack}: no test split to score the ways on")
-    try:
-        dev = resolve_device("cpu" if a.tiny and a.device == "auto" else a.device)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    if dev.type != "cuda" and not a.tiny:
-        raise InputError("no CUDA GPU here; --tiny runs on the CPU")
+    dev = gpu_device(a.device, a.tiny)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {"script": "benchmarks/scripts/gpu_fresh_train.py", "argv": sys.argv[1:] if argv is None else list(argv), "tiny": a.tiny}

@@ -106,6 +106,19 @@ def check_pack(path: Path, image_size: int | None, pad_square: bool, folds: int,
     return {"path": str(path), "bytes": path.stat().st_size, "size": size, "pad_square": packed_pad, "n_training": n_train, "n_test": n_test}
 
 
+def gpu_device(device: str, tiny: bool):
+    """The device asked for: a CUDA GPU, or the CPU for a --tiny check."""
+    from busi_monai.device import resolve_device
+
+    try:
+        dev = resolve_device("cpu" if tiny and device == "auto" else device)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if dev.type != "cuda" and not tiny:
+        raise InputError("no CUDA GPU here; --tiny runs on the CPU")
+    return dev
+
+
 def environment(dev) -> dict:
     import monai
     import torch
@@ -292,7 +305,6 @@ def main(argv=None) -> int:
         import monai  # noqa: F401
     except ImportError:
         raise InputError("MONAI is not installed: carry .whl/monai-*.whl and `python3 -m pip install --no-deps .whl/monai-*.whl` first") from None
-    from busi_monai.device import resolve_device
     from busi_monai.jsonio import write_json
     from busi_monai.training.recipes import Recipe, get_recipe
 
@@ -319,12 +331,7 @@ def main(argv=None) -> int:
                 names.remove("pad_square")  # nothing to train it on: said in result.json
             else:
                 raise InputError("the pad_square ablation needs --pad-square-pack")
-    try:
-        dev = resolve_device("cpu" if a.tiny and a.device == "auto" else a.device)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    if dev.type != "cuda" and not a.tiny:
-        raise InputError("no CUDA GPU here; --tiny runs on the CPU")
+    dev = gpu_device(a.device, a.tiny)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="busi-full-cv-"))
