@@ -11,9 +11,9 @@ import torch
 
 from busi_monai.active.simulation import labels_to_reach
 from busi_monai.active.strategies import (
-    DEFAULT_STRATEGY,
     ORACLE,
     ORACLE_LESIONS,
+    SIMULATION_DEFAULT_STRATEGY,
     STRATEGIES,
     diverse_top_k,
     k_center_greedy,
@@ -77,7 +77,7 @@ def test_select_with_a_network_on_duplicated_images():
         assert len(set(sel.indices)) == 2 and all(0 <= i < len(pool) for i in sel.indices)
         if strategy in ("bald_diverse", "typiclust"):
             assert not {0, 1} <= set(sel.indices)
-    assert DEFAULT_STRATEGY in STRATEGIES
+    assert SIMULATION_DEFAULT_STRATEGY in STRATEGIES
 
 
 def test_oracle_asks_for_what_the_model_gets_wrong_by_the_true_masks():

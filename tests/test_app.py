@@ -84,7 +84,7 @@ def test_info_lists_model_trainer_labels_strategies(client):
     assert info["models"][MODEL]["labels"] == {"lesion": 1}
     assert info["models"][MODEL]["dimension"] == 2
     # The measured best strategy comes first: Slicer's MONAI Label module selects the first.
-    assert list(info["strategies"]) == ["typiclust", "mc_dropout_diverse", "mc_dropout", "random"]
+    assert list(info["strategies"]) == ["random", "typiclust", "mc_dropout_diverse", "mc_dropout"]  # first: Slicer's default
     assert "mc_dropout" in info["scoring"]
     cfg = info["trainers"][MODEL]["config"]
     assert {"max_epochs", "train_batch_size", "learning_rate", "val_split", "image_size", "device"} <= set(cfg)

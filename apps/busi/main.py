@@ -88,7 +88,9 @@ class BusiApp(MONAILabelApp):
         return {NAME: self.task.trainer()}
 
     def init_strategies(self):
-        return {**self.task.strategy(), "random": Random()}
+        # First is Slicer's default: random, as no strategy saved a clinician's clicks against it
+        # on BUSI (apps/busi/README.md, "Which strategy").
+        return {"random": Random(), **self.task.strategy()}
 
     def init_scoring_methods(self):
         return self.task.scoring_method()

@@ -23,10 +23,10 @@ from busi_monai.active.effort import (
     predictor_clicks,
 )
 from busi_monai.active.strategies import (
-    DEFAULT_STRATEGY,
     DIVERSITY_POOL,
     ORACLE,
     ORACLE_LESIONS,
+    SIMULATION_DEFAULT_STRATEGY,
     SIMULATION_STRATEGIES,
     probabilities,
     select,
@@ -100,7 +100,7 @@ class SimulationSettings:
     (default preset ``interactive``).
     """
 
-    strategies: tuple[str, ...] = ("random", DEFAULT_STRATEGY)
+    strategies: tuple[str, ...] = ("random", SIMULATION_DEFAULT_STRATEGY)
     initial: int = 40
     step: int = 40
     rounds: int = 5
@@ -600,7 +600,7 @@ def register_cli(sub) -> None:
     s = sub.add_parser("al-simulate", help="simulate active-learning labelling sessions; learning curves per strategy")
     s.add_argument("--data", required=True, help="prepared dataset dir (dataset.json with a test split)")
     s.add_argument("--out", required=True)
-    s.add_argument("--strategy", default=f"random,{DEFAULT_STRATEGY}", help=f"comma-separated, of: {', '.join(SIMULATION_STRATEGIES)} ({ORACLE}, {ORACLE_LESIONS}: read the true masks, references)")
+    s.add_argument("--strategy", default=f"random,{SIMULATION_DEFAULT_STRATEGY}", help=f"comma-separated, of: {', '.join(SIMULATION_STRATEGIES)} ({ORACLE}, {ORACLE_LESIONS}: read the true masks, references)")
     s.add_argument("--initial", type=int, default=40, help="labelled images to start from (random)")
     s.add_argument("--step", type=int, default=40, help="images the strategy picks per round")
     s.add_argument("--rounds", type=int, default=5)

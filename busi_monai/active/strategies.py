@@ -51,9 +51,9 @@ log = logging.getLogger(__name__)
 # images by Dice, normal images never asked for.
 ORACLE = "oracle"
 ORACLE_LESIONS = "oracle_lesions"
-# The app's default: best of random / bald_diverse / typiclust on paired seeds, if within their
-# spread (README, active learning); it rarely picks near-duplicates and needs no dropout passes.
-DEFAULT_STRATEGY = "typiclust"
+# What `al-simulate` compares with random unless told: the best of the label-count study (README,
+# active learning). The app's default is random since the clicks study (apps/busi/README.md).
+SIMULATION_DEFAULT_STRATEGY = "typiclust"
 # The baseline without active learning: the unlabelled images in the pool's stored order.
 IN_ORDER = "in_order"
 DIVERSITY_POOL = 3  # bald_diverse draws its K picks from the 3K most uncertain images

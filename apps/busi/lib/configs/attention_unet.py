@@ -158,7 +158,7 @@ class AttentionUNet(TaskConfig):
         return AttentionUNetTrain(self.served, self.settings)
 
     def strategy(self):
-        # First is Slicer's default: typiclust measured best, if within noise (README, active learning).
+        # After `random`, Slicer's default (main.py): typiclust, then the uncertainty strategies.
         return {"typiclust": TypiClustStrategy(), "mc_dropout_diverse": MCDropoutDiverseStrategy(), "mc_dropout": MCDropoutStrategy()}
 
     def scoring_method(self):
