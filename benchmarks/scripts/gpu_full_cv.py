@@ -16,7 +16,7 @@ Make the pack here first (never commit it): `busi-monai prepare --busi-root BUSI
 
 What it does: checks its inputs (seconds); measures training images/s of the recipe's own step
 (bf16, channels-last; eager, plus compiled at the chosen batch) at batches 4, 8, 16 and 32;
-chooses the batch (the smallest within 15% of the best rate: more SGD steps for the same time)
+chooses the batch (the smallest within 15% of the best rate: more steps for the same time)
 and the epochs that fit the budget; trains the folds (`busi-monai cv`'s functions, the gate
 chosen on held-out folds); compares the post-processing on held-out folds; scores the folds'
 mean on the test split at each image's own size. Everything goes to --out as JSON (no NaN):
@@ -44,6 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 T0 = time.perf_counter()
 
+from busi_monai.training.recipes import NNUNET_SGD  # plain data: imports no torch or MONAI
+
 # Budget rule. A fold's training gets (budget - elapsed - reserves) / runs; its epochs are that
 # time times the measured rate times SAFETY over its training images. The reserves are allowances
 # (not measurements): compiling the step in the first run and re-tracing it in each next one, and
@@ -55,11 +57,11 @@ BATCHES = (4, 8, 16, 32)
 NEAR_BEST = 0.85  # a batch within this share of the best rate counts as fast enough
 
 # Each ingredient of `full` switched off (to the value the project used before), for --ablations.
-# pad_square and nnU-Net's batch Dice (which `full` left out after the CPU screen) are switched on
-# instead; pad_square needs --pad-square-pack.
+# nnU-Net's SGD and poly schedule, its batch Dice (which `full` left out after the CPU-scale
+# measurements) and pad_square are switched on instead; pad_square needs --pad-square-pack.
 ABLATIONS: dict[str, dict] = {
-    "adam": {"optimizer": "adam", "learning_rate": 1e-3, "weight_decay": 0.0},
-    "cosine": {"lr_schedule": "cosine"},
+    "nnunet_sgd": NNUNET_SGD,
+    "poly": {"lr_schedule": "poly"},
     "batch_dice": {"loss": "dice_ce_batch"},
     "no_deep_supervision": {"network": "paper"},
     "ds_weights_exp": {"ds_weights": "exp"},
