@@ -214,14 +214,14 @@ def end_to_end_fit(
 
     n = images
     reps = (n + len(data) - 1) // len(data)
-    images = _at_size(data.images, size).repeat(reps, 1, 1, 1)[:n]
-    labels = (_at_size(data.labels, size) > 0.5).float().repeat(reps, 1, 1, 1)[:n]
-    train = CachedData(images, labels, [{"id": str(i)} for i in range(n)])
+    imgs = _at_size(data.images, size).repeat(reps, 1, 1, 1)[:n]
+    labs = (_at_size(data.labels, size) > 0.5).float().repeat(reps, 1, 1, 1)[:n]
+    train = CachedData(imgs, labs, [{"id": str(i)} for i in range(n)])
     recipe = get_recipe(preset).with_overrides(image_size=size, **({"epochs": epochs} if epochs else {}))
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         summary = fit(
-            train, CachedData(images[:0], labels[:0], []), out or tmp, preset, recipe, device=device, progress=False,
+            train, CachedData(imgs[:0], labs[:0], []), out or tmp, preset, recipe, device=device, progress=False,
             compile_model=compile_model, cuda_graphs=cuda_graphs,
         )  # fmt: skip
         wall = time.perf_counter() - t
