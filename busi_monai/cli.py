@@ -71,7 +71,7 @@ def cmd_evaluate(a):
 
     tta = {"auto": None, "on": True, "off": False}[a.tta]
     predictor = Predictor(a.model, device=a.device, tta=tta, confidence_gate=a.confidence_gate)
-    res = evaluate(a.model, a.data, a.out, split=a.split, predictor=predictor, clicks=a.clicks)
+    res = evaluate(a.model, a.data, a.out, split=a.split, predictor=predictor, clicks=a.clicks, box=a.box, box_jitter=a.box_jitter, seed=a.seed)
     if "clicks" in res:
         res["clicks"] = {k: v for k, v in res["clicks"].items() if k != "per_image"}
     _print_json({k: v for k, v in res.items() if k != "per_image"})
@@ -84,11 +84,11 @@ def cmd_infer(a):
     pred = Predictor(a.model, device=a.device, confidence_gate=a.confidence_gate)
     out = Path(a.out)
     images = [read_image(p) for p in a.images]
-    if a.foreground or a.background:
+    if a.foreground or a.background or a.box:
         if len(images) != 1:
-            raise ValueError("--foreground/--background click on one image; give exactly one")
+            raise ValueError("--foreground/--background/--box work on one image; give exactly one")
         fg, bg = (_points(v, images[0]) for v in (a.foreground, a.background))
-        predictions = [pred.predict_clicks(images[0], fg, bg)]
+        predictions = [pred.predict_clicks(images[0], fg, bg, box=_box(a.box, images[0]) if a.box else None)]
     else:
         predictions = pred.predict(images)
     for im, p in zip(images, predictions):
@@ -119,6 +119,20 @@ def _points(texts: list[str], image) -> list[tuple[float, float]]:
         except ValueError as e:
             raise ValueError(f"click {t!r} {e}") from None
     return out
+
+
+def _box(text: str, image) -> tuple[int, int, int, int]:
+    """``X0,Y0,X1,Y1`` (columns and rows of two corners, inclusive) as a box on ``image``."""
+    from busi_monai.interactive.zoom import box_from_xyxy
+
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"box {text!r}: expected X0,Y0,X1,Y1 (column,row of two corners), e.g. 40,30,200,150") from None
+    try:
+        return box_from_xyxy(x0, y0, x1, y1, image.shape)
+    except ValueError as e:
+        raise ValueError(f"--box {text!r}: {e}") from None
 
 
 def _same_format(path: str) -> str:
@@ -187,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tta", choices=("auto", "on", "off"), default="auto", help="test-time flips (auto: as the recipe says)")
     s.add_argument("--confidence-gate", type=float, help="highest lesion probability below which a mask is left empty (0: off; default: the model's)")
     s.add_argument("--clicks", type=int, default=0, metavar="N", help="click-guided models: also the click protocol with up to N clicks per lesion image (Dice after each, NoC@85/90)")
+    s.add_argument("--box", action="store_true", help="click-guided models: first a box around each lesion (its bounding box, jittered); reports the box's Dice, and --clicks continue from it")
+    s.add_argument("--box-jitter", type=float, default=0.0, metavar="PX", help="pixels each side of the --box may move at random (default 0)")
+    s.add_argument("--seed", type=int, default=0, help="seeds the --box jitter")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("infer", help="lesion masks for images, in each image's own size and geometry")
@@ -199,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--confidence-gate", type=float, help="highest lesion probability below which a mask is left empty (0: off; default: the model's)")
     s.add_argument("--foreground", action="append", default=[], metavar="X,Y", help="a click inside the lesion (click-guided models; X the column, Y the row); repeatable")
     s.add_argument("--background", action="append", default=[], metavar="X,Y", help="a click on what is not lesion; repeatable")
+    s.add_argument("--box", metavar="X0,Y0,X1,Y1", help="a box around the lesion (click-guided models; columns and rows of two corners): the outline stays inside it")
     s.add_argument("images", nargs="+")
     s.set_defaults(func=cmd_infer)
 

@@ -46,6 +46,8 @@ def _click_checkpoint(image_size: int = SIZE, preset: str = "interactive", **ove
 
 
 def _stub_predictor(**overrides) -> Predictor:
+    # The whole view unless a test zooms: the stub's disc has a fixed size at the network's scale.
+    overrides.setdefault("zoom_fraction", 0.0)
     p = Predictor(_click_checkpoint(**overrides), device="cpu", amp=False)
     p.models = [DiscAroundClicks(p.network.config)]
     p.averaged = p.models[0]
@@ -73,15 +75,16 @@ def test_training_batches_get_click_maps_inside_the_lesion_reproducibly(tmp_path
     labels = torch.zeros(8, 1, SIZE, SIZE)
     labels[:, :, 8:20, 10:24] = 1
     data = CachedData(images, labels, [{"id": str(i), "class": "benign"} for i in range(8)])
-    recipe = get_recipe("interactive").with_overrides(image_size=SIZE, click_free_fraction=0.0, click_rounds=0)
+    recipe = get_recipe("interactive").with_overrides(image_size=SIZE, click_free_fraction=0.0, click_rounds=0, outline_first_fraction=0.0)
 
-    def batch(seed):
-        t = Trainer(data, data.subset([]), tmp_path / str(seed), "interactive", recipe, RunSettings(device="cpu", seed=seed, progress=False, amp=False))
+    def batch(seed, r=recipe):
+        t = Trainer(data, data.subset([]), tmp_path / str(seed), "interactive", r, RunSettings(device="cpu", seed=seed, progress=False, amp=False))
         return t.with_clicks(images, labels)
 
     x = batch(0)
-    assert x.shape == (8, 3, SIZE, SIZE)
+    assert x.shape == (8, 4, SIZE, SIZE)
     torch.testing.assert_close(x[:, :1], images)
+    assert not x[:, 3].any(), "a first click from the truth comes with no previous outline"
     fg, bg = x[:, 1], x[:, 2]
     peaks = fg.flatten(1).argmax(1)
     rows, cols = peaks // SIZE, peaks % SIZE
@@ -89,6 +92,9 @@ def test_training_batches_get_click_maps_inside_the_lesion_reproducibly(tmp_path
     assert float(fg.amax()) == pytest.approx(1.0) and float(bg.amax()) == 0.0
     torch.testing.assert_close(batch(0), x)
     assert not torch.equal(batch(1), x)
+    # Starting from the automatic outline: the fourth channel is the model's own binary outline.
+    y = batch(0, recipe.with_overrides(outline_first_fraction=1.0))
+    assert set(torch.unique(y[:, 3]).tolist()) <= {0.0, 1.0} and y[:, 3].any(), "an untrained model outlines something"
 
 
 def test_interactive_preset_trains_and_its_checkpoint_takes_clicks(sample_dir, tmp_path):

@@ -64,6 +64,7 @@ def image_cost(
     target: float = TARGET_DICE,
     threshold: float = 0.5,
     tolerance: float = OUTLINE_TOLERANCE,
+    with_previous: bool = False,
 ) -> dict:
     """The clicks a clinician spends labelling one image, by the rules of this module.
 
@@ -76,6 +77,8 @@ def image_cost(
         target: the Dice at which a lesion outline is accepted.
         threshold: a pixel is foreground where the probability is > threshold.
         tolerance: pixels of the hand polygon's fit (:func:`polygon_clicks`).
+        with_previous: ``predict_clicks`` also takes ``previous=`` (the last outline), as a
+            model with the previous-outline channel does.
 
     Returns:
         ``clicks`` (protocol clicks made), ``redrawn`` (the clicks never got there: drawn or
@@ -86,7 +89,7 @@ def image_cost(
     truth = np.asarray(truth) > 0.5
     lesion = bool(truth.any())
     goal = target if lesion else 1.0  # a normal image is done when its mask is empty
-    res = evaluate_clicks(predict_clicks, [image], [truth], max_clicks, threshold, stop_at=goal, allow_empty=True)
+    res = evaluate_clicks(predict_clicks, [image], [truth], max_clicks, threshold, stop_at=goal, allow_empty=True, with_previous=with_previous)
     dice = res.dice[0]
     clicks = len(res.clicks[0])
     redrawn = not bool(dice[-1] >= goal)
@@ -105,7 +108,4 @@ def predictor_clicks(predictor) -> ClickPredict:
     """A :class:`~busi_monai.inference.predictor.Predictor` as ``predict_clicks`` for
     :func:`image_cost` (clicks in the image's own pixels)."""
 
-    def predict(image, fg, bg):
-        return predictor.predict_clicks(image, fg, bg).probability
-
-    return predict
+    return predictor.as_click_model()

@@ -287,7 +287,7 @@ class Replay:
         t = time.time()
         predict = predictor_clicks(predictor)
         st = self.settings
-        costs = [image_cost(predict, *self._original(i), st.max_clicks, st.click_target, predictor.threshold) for i in picked]
+        costs = [image_cost(predict, *self._original(i), st.max_clicks, st.click_target, 0.5, with_previous=predictor.takes_previous) for i in picked]
         clicks = int(sum(c["cost"] for c in costs))
         return {
             "clicks": clicks,

@@ -88,6 +88,18 @@ def preprocess_array(image: np.ndarray, image_size: int, pad_square: bool = Fals
     return out["image"]
 
 
+def preprocess_mask(mask: np.ndarray, image_size: int, pad_square: bool = False) -> torch.Tensor:
+    """One (H, W) binary mask to (1, size, size) {0, 1} through the image's geometry (a mask
+    given to the network, such as the previous outline): resized like the image, then binarised."""
+    x = {"mask": np.asarray(mask, np.float32)[None]}
+    if not pad_square:
+        x = Resized(keys="mask", spatial_size=(image_size, image_size), mode=IMAGE_RESIZE_MODE, anti_aliasing=True)(x)
+    else:
+        x = Resized(keys="mask", spatial_size=image_size, size_mode="longest", mode=IMAGE_RESIZE_MODE, anti_aliasing=True)(x)
+        x = SpatialPadd(keys="mask", spatial_size=(image_size, image_size), method="symmetric", value=0)(x)
+    return (torch.as_tensor(np.asarray(x["mask"])) > 0.5).float()
+
+
 def square_box(shape: tuple[int, int], image_size: int) -> tuple[int, int, int, int]:
     """Where an image of ``shape`` (H, W) lies in its padded square: (top, left, height, width).
 

@@ -7,6 +7,7 @@ active learning. The CLI, the MONAI Label app and evaluation all use it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +15,12 @@ import numpy as np
 import torch
 
 from busi_monai.data.io import Image2D, read_image
-from busi_monai.data.preprocessing import preprocess_array, restore_size, square_box
+from busi_monai.data.preprocessing import preprocess_array, preprocess_mask, restore_size, square_box
 from busi_monai.device import resolve_device
 from busi_monai.inference.postprocessing import processed_mask
 from busi_monai.interactive.guidance import DEFAULT_SIGMA, click_maps, scale_clicks
+from busi_monai.interactive.honour import honour_clicks
+from busi_monai.interactive.zoom import box_mask, zoom_box
 from busi_monai.model.checkpoint import load_checkpoint, model_from_checkpoint
 from busi_monai.model.networks import AveragedNetwork
 
@@ -64,6 +67,10 @@ class Predictor:
         self.amp = (self.device.type == "cuda" and torch.cuda.is_bf16_supported()) if amp is None else amp
         self.batch_size = batch_size
         self.click_sigma = float(first.get("recipe", {}).get("click_sigma", DEFAULT_SIGMA))
+        # Zoom-in where the model was trained for it (older checkpoints: the whole view only).
+        self.zoom = None
+        if float(recipe.get("zoom_fraction", 0.0)) > 0:
+            self.zoom = {"margin": float(recipe.get("zoom_margin", 0.4)), "min_side": float(recipe.get("zoom_min_side", 0.25))}
         # The recipe's post-processing unless the caller says otherwise.
         self.postprocess = {"largest_only": bool(recipe.get("largest_component", False)), **(postprocess or {})}
         self.models = [model_from_checkpoint(ck, self.device, confidence_gate=confidence_gate) for ck in self.checkpoints]
@@ -126,25 +133,79 @@ class Predictor:
         top, left, h, w = square_box(tuple(shape), self.image_size)
         return [(r + top, c + left) for r, c in scale_clicks(list(clicks), shape, (h, w))]
 
+    @property
+    def takes_previous(self) -> bool:
+        """The network also reads the previous outline (``+prev``)."""
+        return self.network.config.in_channels > 3
+
     @torch.no_grad()
     def predict_clicks(
-        self, image: Image2D | np.ndarray, foreground: list = (), background: list = ()
+        self,
+        image: Image2D | np.ndarray,
+        foreground: Sequence = (),
+        background: Sequence = (),
+        box: tuple[int, int, int, int] | None = None,
+        previous: np.ndarray | None = None,
     ) -> Prediction:
-        """One image segmented around clicks, given as (row, col) pixels of the image itself.
+        """One image segmented around clicks, a box, or both, given in the image's own pixels.
 
-        The clicks are moved to the network's input size and drawn as the two click maps the
-        network was trained with. A foreground click is the user saying "there is a lesion here",
-        so the confidence gate, which may leave an unsure image empty, is skipped then."""
+        Clicks are (row, col); ``box`` is (row0, col0, row1, col1), inclusive, on the image
+        (:func:`~busi_monai.interactive.zoom.box_from_xyxy` makes one); ``previous`` is the
+        outline the clicks correct (H, W), read by a network with the previous-outline channel.
+
+        A model trained with zoom-in (``zoom_fraction`` > 0) re-segments a square crop around
+        the clicks, the box and the previous outline (:func:`~busi_monai.interactive.zoom.zoom_box`)
+        at its input size and pastes the result back; without any of them it is the automatic
+        model. Nothing is outlined outside a box. A foreground click or a box is the user saying
+        "there is a lesion here", so the confidence gate, which may leave an unsure image empty,
+        is skipped then. Every click is honoured (:func:`~busi_monai.interactive.honour.honour_clicks`).
+        """
         if not self.takes_clicks:
             raise ValueError(f"{self.paths[0]}: this model does not take clicks (train a '+clicks' network, e.g. --preset interactive)")
         arr = image.array if isinstance(image, Image2D) else np.asarray(image, np.float32)
+        shape = arr.shape
+        fg = [tuple(map(float, p[:2])) for p in foreground]
+        bg = [tuple(map(float, p[:2])) for p in background]
+        prev = None if previous is None else np.asarray(previous) > 0.5
+        if prev is not None and prev.shape != shape:
+            raise ValueError(f"previous outline {prev.shape} and image {shape} differ in shape")
+        zoom = None
+        if self.zoom is not None and (fg or bg or box is not None or (prev is not None and prev.any())):
+            zoom = zoom_box(shape, fg + bg, prev, box, margin=self.zoom["margin"], min_side=self.zoom["min_side"])
+        region = zoom.crop(arr) if zoom else arr
+        rfg, rbg = (zoom.to_crop(p) if zoom else p for p in (fg, bg))
         size = (self.image_size, self.image_size)
-        fg, bg = self.network_clicks(foreground, arr.shape), self.network_clicks(background, arr.shape)
-        maps = torch.from_numpy(click_maps(size, fg, bg, sigma=self.click_sigma)).float()
-        x = torch.cat((self.preprocess(arr), maps))[None].to(self.device)
-        prob = restore_size(self.forward_probability(x, gated=not fg).cpu()[0], arr.shape, self.pad_square)[0].numpy().astype(np.float32)
+        maps = torch.from_numpy(click_maps(size, self.network_clicks(rfg, region.shape), self.network_clicks(rbg, region.shape), sigma=self.click_sigma)).float()
+        parts = [self.preprocess(region), maps]
+        if self.takes_previous:
+            rprev = np.zeros(region.shape, bool) if prev is None else (zoom.crop(prev) if zoom else prev)
+            parts.append(preprocess_mask(rprev, self.image_size, self.pad_square))
+        x = torch.cat(parts)[None].to(self.device)
+        gated = not fg and box is None
+        prob = restore_size(self.forward_probability(x, gated=gated).cpu()[0], region.shape, self.pad_square)[0].numpy().astype(np.float32)
+        if zoom:
+            prob = zoom.paste(prob, shape)
+        inside = box_mask(box, shape) if box is not None else None
+        if inside is not None:
+            prob = np.where(inside, prob, 0.0).astype(np.float32)
         raw = (prob > self.threshold).astype(np.uint8)
-        return Prediction(prob, raw, processed_mask(raw, **self.postprocess))
+        mask = processed_mask(raw, **self.postprocess)
+        if inside is not None:
+            mask = mask * inside
+        # An ignored click gets a disc of about the click map's width, in the image's pixels.
+        radius = max(2.0, self.click_sigma * max(region.shape) / self.image_size)
+        mask = honour_clicks(mask, fg, bg, radius=radius, previous=prev, boxed=box is not None)
+        return Prediction(prob, raw, mask)
+
+    def as_click_model(self):
+        """This predictor as the click protocol's ``predict(image, fg, bg, box=, previous=)``
+        (:func:`~busi_monai.interactive.protocol.evaluate_clicks`): the mask it returns
+        (processed, clicks honoured) as 0/1, so that the protocol scores what the user sees."""
+
+        def predict(image, fg, bg, box=None, previous=None):
+            return self.predict_clicks(image, fg, bg, box=box, previous=previous).mask.astype(np.float32)
+
+        return predict
 
     @torch.no_grad()
     def mc_dropout(self, images: list[Image2D | np.ndarray], passes: int = 8) -> torch.Tensor:

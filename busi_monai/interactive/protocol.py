@@ -73,6 +73,8 @@ def evaluate_clicks(
     threshold: float = 0.5,
     stop_at: float | None = None,
     allow_empty: bool = False,
+    boxes: Sequence[Any] | None = None,
+    with_previous: bool = False,
 ) -> ClickEvaluation:
     """Run the click protocol on lesion images.
 
@@ -91,9 +93,15 @@ def evaluate_clicks(
         allow_empty: accept empty truths (normal images): every click is then a negative one
             on a false outline, and Dice is 1 once the prediction is empty, 0 before. For
             costing a label (:mod:`busi_monai.active.effort`), not for the protocol's NoC figures.
+        boxes: a box per image that the user drew first (passed on as ``box=``): Dice after 0
+            clicks is then the box's alone, and the clicks continue from it.
+        with_previous: also pass ``previous=`` the last prediction's mask (None before the
+            first), as the app keeps the last outline for the next click.
     """
     if len(images) != len(truths):
         raise ValueError(f"{len(images)} images but {len(truths)} truths")
+    if boxes is not None and len(boxes) != len(truths):
+        raise ValueError(f"{len(boxes)} boxes but {len(truths)} truths")
     if max_clicks < 0:
         raise ValueError("max_clicks must be >= 0")
     scores = np.zeros((len(truths), max_clicks + 1))
@@ -114,7 +122,15 @@ def evaluate_clicks(
                     break
                 made.append(click)
                 (fg if click.positive else bg).append((click.row, click.col))
-            prob = np.asarray(predict(image, list(fg), list(bg)))
+            if boxes is None and not with_previous:
+                prob = np.asarray(predict(image, list(fg), list(bg)))
+            else:
+                context: dict[str, Any] = {}
+                if boxes is not None:
+                    context["box"] = boxes[i]
+                if with_previous:
+                    context["previous"] = pred if k > 0 else None
+                prob = np.asarray(predict(image, list(fg), list(bg), **context))
             if prob.shape != truth.shape:
                 raise ValueError(f"predict returned shape {prob.shape} for a truth of shape {truth.shape}")
             pred = prob > threshold

@@ -230,7 +230,7 @@ def sample_corrective_clicks(
 
 @dataclass
 class SimulatedClicks:
-    maps: torch.Tensor  # (B, 2, H, W) click maps to concatenate to the image channels
+    maps: torch.Tensor  # (B, 2, H, W) click maps (B, 3, H, W with the previous outline) for the image channels
     coords: torch.Tensor  # (B, K, 2) (row, col)
     labels: torch.Tensor  # (B, K) POSITIVE, NEGATIVE or NO_CLICK
     rounds: int  # corrective rounds run on this batch
@@ -247,6 +247,8 @@ def simulate_training_clicks(
     num_negative: int = 0,
     sigma: float = DEFAULT_SIGMA,
     max_depth: int = DEFAULT_MAX_DEPTH,
+    previous: bool = False,
+    p_from_outline: float = 0.75,
 ) -> SimulatedClicks:
     """Clicks for one training batch, DeepGrow-style: each image, with probability
     ``p_no_clicks``, has none (all-zero maps: the automatic model); the others get clicks from
@@ -254,31 +256,65 @@ def simulate_training_clicks(
     click each from ``predict``'s errors given the clicks so far. ``predict`` runs without
     gradient; put the network in eval mode around this call if its batch statistics matter.
 
+    With ``previous`` (RITM's iterative training), a third map holds the previous outline (the
+    model's own prediction, binarised, before the last click), and a share ``p_from_outline``
+    of the clicked images starts from the model's automatic outline: their first click
+    corrects it, as a clinician's first click corrects the automatic outline in the app.
+
     Args:
-        predict: maps the network input (B, C + 2, H, W) (image channels, then the click maps)
-            to the foreground probability (B, 1, H, W) or (B, H, W).
+        predict: maps the network input (B, C + 2, H, W) (image channels, then the click maps;
+            C + 3 with ``previous``) to the foreground probability (B, 1, H, W) or (B, H, W).
         images: (B, C, H, W) image batch at the network's input size.
         truths: (B, H, W) or (B, 1, H, W) truth masks.
         generator: source of randomness (its seed makes the clicks reproducible).
         p_no_clicks: probability that an image has no clicks.
         max_rounds: most corrective rounds.
-        num_positive: initial foreground clicks per clicked image.
-        num_negative: initial background clicks per clicked image.
+        num_positive: initial foreground clicks per clicked image (from the truth).
+        num_negative: initial background clicks per clicked image (from the truth).
         sigma: Gaussian sigma of the click maps, in pixels.
         max_depth: depth (pixels) beyond which pixels weigh the same when drawing a click.
+        previous: add the previous-outline map.
+        p_from_outline: with ``previous``, the share of clicked images starting from their
+            automatic outline.
     """
     b, shape = images.shape[0], images.shape[-2:]
     gen_device = generator.device if generator is not None else torch.device("cpu")
     clicked = (torch.rand(b, generator=generator, device=gen_device) >= p_no_clicks).to(images.device)
     rounds = int(torch.randint(0, max_rounds + 1, (1,), generator=generator, device=gen_device))
     coords, labels = sample_initial_clicks(truths, num_positive, num_negative, generator, max_depth)
+    prev = images.new_zeros((b, 1, *shape))
+
+    def guidance(c: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+        maps = click_maps_batch(c, lab, shape, sigma)
+        return torch.cat([maps, prev.to(maps.dtype)], dim=1) if previous else maps
+
+    def outline(inp: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            p = predict(inp).detach()
+        return (p.view(b, 1, *shape) > 0.5).to(images.dtype)
+
+    if previous:
+        from_outline = clicked & (torch.rand(b, generator=generator, device=gen_device) < p_from_outline).to(images.device)
+        if bool(from_outline.any()):
+            none = torch.full_like(labels, NO_CLICK)
+            auto = outline(torch.cat([images, guidance(coords, none)], dim=1))
+            prev = torch.where(from_outline.view(b, 1, 1, 1), auto, prev)
+            c_corr, l_corr = sample_corrective_clicks(prev, truths, generator, max_depth)
+            first = from_outline.view(b, 1)
+            if coords.shape[1] == 0:
+                coords, labels = c_corr, torch.where(first, l_corr, NO_CLICK)
+            else:  # the corrective click replaces the first truth click; the other initial clicks stay
+                coords = torch.cat([torch.where(first.unsqueeze(-1), c_corr, coords[:, :1]), coords[:, 1:]], dim=1)
+                labels = torch.cat([torch.where(first, l_corr, labels[:, :1]), labels[:, 1:]], dim=1)
     labels = torch.where(clicked.view(b, 1), labels, NO_CLICK)
     ran = 0
     if bool(clicked.any()):
         for ran in range(1, rounds + 1):
             with torch.no_grad():
-                prob = predict(torch.cat([images, click_maps_batch(coords, labels, shape, sigma)], dim=1))
+                prob = predict(torch.cat([images, guidance(coords, labels)], dim=1))
+            if previous:
+                prev = torch.where(clicked.view(b, 1, 1, 1), (prob.detach().view(b, 1, *shape) > 0.5).to(images.dtype), prev)
             new_coords, new_labels = sample_corrective_clicks(prob.detach(), truths, generator, max_depth)
             coords = torch.cat([coords, new_coords], dim=1)
             labels = torch.cat([labels, torch.where(clicked.view(b, 1), new_labels, NO_CLICK)], dim=1)
-    return SimulatedClicks(click_maps_batch(coords, labels, shape, sigma), coords, labels, ran)
+    return SimulatedClicks(guidance(coords, labels), coords, labels, ran)

@@ -93,8 +93,8 @@ class PaperAttentionUNet(nn.Module):
     def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The ungated lesion logit and the deep-supervision logits (training only).
 
-        A click-guided network (``in_channels`` 3: image, foreground clicks, background clicks)
-        given the image alone gets empty click maps, so it is also the automatic model and every
+        A click-guided network (``in_channels`` 3: image, foreground clicks, background clicks;
+        4: and the previous outline) given the image alone gets empty guidance maps, so it is also the automatic model and every
         caller that knows nothing of clicks (Grad-CAM, active learning, the bundle) works."""
         if x.shape[1] < self.config.in_channels:
             x = torch.cat((x, x.new_zeros((x.shape[0], self.config.in_channels - x.shape[1], *x.shape[2:]))), dim=1)
@@ -139,7 +139,19 @@ NETWORK_OPTIONS = {
     "ds": lambda cfg, on: replace(cfg, deep_supervision=on),
     # click guidance: two more input channels, the foreground- and background-click maps
     "clicks": lambda cfg, on: replace(cfg, in_channels=3 if on else 1),
+    # the previous outline as a fourth input channel (after the click maps), so that a click
+    # corrects the outline locally instead of redrawing it (RITM, nnInteractive)
+    "prev": lambda cfg, on: _with_previous(cfg, on),
 }
+
+# The guidance options of the click model the app serves and `interactive` trains.
+CLICK_OPTIONS = "+clicks+prev"
+
+
+def _with_previous(cfg: NetworkConfig, on: bool) -> NetworkConfig:
+    if on and cfg.in_channels < 3:
+        raise ValueError("option +prev needs +clicks before it (the previous outline comes after the click maps)")
+    return replace(cfg, in_channels=4 if on else min(cfg.in_channels, 3))
 
 
 def network_config(spec: str) -> NetworkConfig:
@@ -162,6 +174,21 @@ def network_config(spec: str) -> NetworkConfig:
 def takes_clicks(spec: str) -> bool:
     """Whether the network of a spec reads click maps (option ``+clicks``)."""
     return network_config(spec).in_channels > 1
+
+
+def takes_previous(spec_or_config: str | NetworkConfig) -> bool:
+    """Whether the network reads the previous outline (option ``+prev``)."""
+    cfg = spec_or_config if isinstance(spec_or_config, NetworkConfig) else network_config(spec_or_config)
+    return cfg.in_channels > 3
+
+
+def with_click_guidance(spec: str) -> str:
+    """A network spec with the click model's guidance options (:data:`CLICK_OPTIONS`) added
+    where they are missing: the network the app serves for both the automatic and the click tool."""
+    cfg = network_config(spec)
+    if cfg.in_channels >= 4:
+        return spec
+    return spec + ("+prev" if cfg.in_channels == 3 else CLICK_OPTIONS)
 
 
 @runtime_checkable

@@ -32,7 +32,8 @@ from busi_monai.model.checkpoint import (
     load_checkpoint,
     make_checkpoint,
 )
-from busi_monai.model.networks import build_network, network_config
+from busi_monai.interactive.zoom import training_crops
+from busi_monai.model.networks import build_network, network_config, takes_previous
 from busi_monai.training.augmentation import augmentation
 from busi_monai.training.graphs import GraphedStep
 from busi_monai.training.losses import make_loss
@@ -141,6 +142,11 @@ class Trainer:
         self.augment = augmentation(recipe.augment)
         self.train_items, self.val_items = train.items, val.items
         self.train_d, self.val_d = train.to(dev), val.to(dev)
+        # Zoom-in training: crops around the lesions, resampled from a cache at twice the size.
+        self.zoom_source = None
+        if self.model.config.in_channels > 1 and recipe.zoom_fraction > 0:
+            self.zoom_source = zoom_source(train, 2 * recipe.image_size, settings.progress).to(dev)
+        self.zoom_generator = torch.Generator().manual_seed(settings.seed + 104729)
         self.history: list[dict] = []
         self.start_epoch, self.best, self.best_dice = 0, -math.inf, None
         self.best_state = None  # the best weights since the last write, kept in memory until the next one
@@ -178,6 +184,8 @@ class Trainer:
         for s in range(math.ceil(n / r.batch_size)):
             idx = self.sampler.batch(perm, s, r.batch_size).to(self.dev)
             x, y = data.images[idx], data.labels[idx]
+            if self.zoom_source is not None:
+                x, y = self.zoomed(idx, x, y)
             if self.augment is not None:
                 x, y = self.augment(x, y)
             if self.model.config.in_channels > x.shape[1]:
@@ -205,6 +213,25 @@ class Trainer:
         return self.learn(x, y, forward)
 
     @torch.no_grad()
+    def zoomed(self, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch with a share (``zoom_fraction``) of its lesion images replaced by crops
+        around the lesion (:func:`~busi_monai.interactive.zoom.training_crops`), so that one
+        network segments both the whole view and the zoomed one."""
+        r = self.recipe
+        pick = (torch.rand(len(idx), generator=self.zoom_generator) < r.zoom_fraction).to(x.device)
+        pick &= y.flatten(1).amax(1) > 0.5
+        if not bool(pick.any()):
+            return x, y
+        rows = idx[pick]
+        zx, zy = training_crops(
+            self.zoom_source.images[rows], self.zoom_source.labels[rows], r.image_size, self.zoom_generator,
+            margin=r.zoom_margin, jitter=r.zoom_jitter, min_side=r.zoom_min_side,
+        )  # fmt: skip
+        x, y = x.clone(), y.clone()
+        x[pick], y[pick] = zx.to(x.dtype), zy.to(y.dtype)
+        return x, y
+
+    @torch.no_grad()
     def with_clicks(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The batch with simulated click maps appended (:func:`simulate_training_clicks`): none
         for a share of it, else a click from the truth and corrective clicks from the model's own
@@ -218,8 +245,9 @@ class Trainer:
         model.eval()
         try:
             clicks = simulate_training_clicks(
-                predict, x, y, generator=self.click_generator, p_no_clicks=r.click_free_fraction, max_rounds=r.click_rounds, sigma=r.click_sigma
-            )
+                predict, x, y, generator=self.click_generator, p_no_clicks=r.click_free_fraction, max_rounds=r.click_rounds,
+                sigma=r.click_sigma, previous=takes_previous(model.config), p_from_outline=r.outline_first_fraction,
+            )  # fmt: skip
         finally:
             model.train()
         return torch.cat((x, clicks.maps.to(x.dtype)), dim=1)
@@ -323,6 +351,19 @@ class CheckpointPacer:
         yield
         self.last = time.perf_counter()
         self.cost, self.writes = self.last - t, self.writes + 1
+
+
+def zoom_source(data: CachedData, size: int, progress: bool = False) -> CachedData:
+    """``data``'s images at ``size``: decoded again from their files where every item has them,
+    else (a pack holds no files) upsampled from the cache, which zooms without the detail."""
+    from busi_monai.data.packs import cache_items
+
+    if data.items and all(isinstance(it.get("image"), str) and it.get("label") and Path(it["image"]).is_file() for it in data.items):
+        return cache_items(data.items, size, progress, pad_square=data.pad_square)
+    log.warning("zoom-in training: the images have no files to read at %d px; upsampling the cached ones", size)
+    up = torch.nn.functional.interpolate
+    return CachedData(up(data.images, size=(size, size), mode="bilinear", align_corners=False),
+                      (up(data.labels, size=(size, size), mode="bilinear", align_corners=False) > 0.5).float(), data.items, data.pad_square)  # fmt: skip
 
 
 def compile_network(model, dev):

@@ -31,6 +31,18 @@ class Recipe:
     click_free_fraction: float = 0.3
     click_rounds: int = 3
     click_sigma: float = 3.0
+    # Networks with the previous-outline channel ("+prev"): the share of clicked images whose
+    # first click corrects the model's own automatic outline, given as the previous outline
+    # (RITM's iterative training); the others start from a click inside the truth, no outline.
+    outline_first_fraction: float = 0.75
+    # Zoom-in refinement (click networks): the share of lesion images in a batch trained on a
+    # crop around the lesion (margin drawn around zoom_margin, centre jittered by zoom_jitter of
+    # the side), resampled from a cache at twice the network's size. Above 0, inference also
+    # re-segments a crop around the outline, clicks and box (busi_monai.interactive.zoom).
+    zoom_fraction: float = 0.5
+    zoom_margin: float = 0.4
+    zoom_jitter: float = 0.15
+    zoom_min_side: float = 0.25
     # The nnU-Net ingredients (preset `full`); each default keeps the earlier presets as they were.
     optimizer: str = "adam"  # training.optimizers.OPTIMIZERS: "adam" (paper), "sgd_nesterov"
     momentum: float = 0.99  # sgd_nesterov only
@@ -102,14 +114,16 @@ PRESETS: dict[str, Recipe] = {
         loss="dice_bce",
         val_fraction=0.15,
     ),
-    # The click-guided model (MONAI Label's DeepGrow/DeepEdit idea): `best`'s recipe (without its
-    # foreground sampler, not yet measured with clicks) on the fast
-    # network with two click-map channels. A share of each batch trains without clicks, so one
-    # network is both the automatic and the click model; the rest gets a click from the truth and
-    # up to `click_rounds` corrective clicks from its own errors. On a GPU at full size:
-    # --set network=paper+clicks --image-size 256.
+    # The click-guided model (MONAI Label's DeepGrow/DeepEdit idea, with RITM's and
+    # nnInteractive's refinements): `best`'s recipe (without its foreground sampler, not yet
+    # measured with clicks) on the fast network with two click-map channels and the previous
+    # outline as a fourth. A share of each batch trains without clicks, so one network is both
+    # the automatic and the click model; the rest gets a first click (on its own automatic
+    # outline, or inside the truth) and up to `click_rounds` corrective clicks from its own
+    # errors; half the lesion images are zoomed crops. On a GPU at full size:
+    # --set network=paper+clicks+prev --image-size 256.
     "interactive": Recipe(
-        network="fast+clicks",
+        network="fast+clicks+prev",
         image_size=128,
         lr_schedule="cosine",
         loss="dice_bce",
