@@ -19,6 +19,9 @@ from busi_monai.data.datasets import load_split
 from busi_monai.data.splits import grouped_stratified_folds, split_cached
 from busi_monai.device import PRECISION_HELP, PRECISIONS, resolve_device
 from busi_monai.jsonio import dumps, write_json
+from busi_monai.training.gate import GATES  # noqa: F401 (callers read the gates here)
+from busi_monai.training.gate import choose_gate as choose_ensemble_gate
+from busi_monai.training.gate import gate_curve, set_checkpoint_gate, write_gate_record
 from busi_monai.training.loop import TrainingError, fit
 from busi_monai.training.recipes import get_recipe
 from busi_monai.training.validation import image_scores, predict_cached, quick_scores
@@ -79,12 +82,20 @@ def _train_folds(data, out: Path, preset, folds, recipe, device, seed, wanted, c
         # Score the fold's best model on its held-out fold at network resolution.
         model = model_from_checkpoint(load_checkpoint(out / f"fold{f}" / "model.pt"), dev)
         held_data = cached.subset(held).to(dev)
-        scores = quick_scores(predict_cached(model, held_data.images, amp=dev.type == "cuda"), held_data.labels, recipe.threshold)
+        prob = predict_cached(model, held_data.images, amp=dev.type == "cuda")
+        scores = quick_scores(prob, held_data.labels, recipe.threshold)
         rec = {
             "fold": f, "n_train": len(train), "n_val": len(val), "n_held_out": len(held),
             "held_out_dice": scores["val_dice"], "held_out_normal_fp": scores["val_normal_fp"], "held_out_score": scores["val_score"],
             "train_time_s": summary["train_time_s"],
+            "run_gate": summary["confidence_gate"], "run_gate_source": summary["gate_source"], "recipe_gate": recipe.confidence_gate,
         }  # fmt: skip
+        # The single model served as `train` serves it (its own gate), and with the recipe's fixed gate.
+        per_image = image_scores(prob.cpu(), held_data.labels.cpu(), recipe.threshold)
+        rec.update(n_held_out_lesion=int(per_image["lesion"].sum()), n_held_out_normal=int((~per_image["lesion"]).sum()))
+        at = gate_curve(per_image, (summary["confidence_gate"], recipe.confidence_gate))
+        for name, c in zip(("run_gate", "recipe_gate"), at):
+            rec.update({f"held_out_{name}_dice": c["lesion_dice"], f"held_out_{name}_normal_fp": c["normal_fp"], f"held_out_{name}_score": c["score"]})
         write_json(rec, out / f"fold{f}" / "fold.json")
 
 
@@ -125,29 +136,17 @@ def _run_fold_processes(data, out: Path, preset, folds, recipe, device, seed, wa
         raise TrainingError(f"cv folds {failed} failed; see {out}/fold*/train.log")
 
 
-# Confidence gates tried: the highest probability of an image with any outline is above the 0.5
-# threshold already, so the gates that change anything start there.
-GATES = (0.0, *(round(0.5 + 0.05 * i, 2) for i in range(10)), 0.975, 0.99)
-
-
 def choose_gate(data, out: Path, folds: int, seed: int, recipe, device: str = "auto", progress: bool = True) -> dict:
     """Set the folds' confidence gate to the one that scores best on the held-out folds.
 
     Each fold's model sees its own held-out images (never trained on, never used to select its
-    epoch); the score is training's selection score (lesion Dice, 1 for an empty mask on a
-    normal image) pooled over every training image once, at network resolution. Writes
-    ``gate.json`` and ``gate.png`` (the curve) and the chosen gate into each ``fold*/model.pt``.
+    epoch); the rule (:mod:`busi_monai.training.gate`) pools every training image once, at
+    network resolution. Writes ``gate.json`` and ``gate.png`` (the curve) and the chosen gate
+    into each ``fold*/model.pt``.
     """
-    import dataclasses
-
     import torch
 
-    from busi_monai.evaluation.report import gate_plot
-    from busi_monai.model.checkpoint import (
-        atomic_torch_save,
-        load_checkpoint,
-        model_from_checkpoint,
-    )
+    from busi_monai.model.checkpoint import load_checkpoint, model_from_checkpoint
 
     paths = [Path(out) / f"fold{f}" / "model.pt" for f in range(folds)]
     checkpoints = [load_checkpoint(p) for p in paths]
@@ -157,22 +156,11 @@ def choose_gate(data, out: Path, folds: int, seed: int, recipe, device: str = "a
     for ck, held in zip(checkpoints, grouped_stratified_folds(cached.items, folds, seed)):
         prob = predict_cached(model_from_checkpoint(ck, dev), cached.images[held].to(dev)).cpu()
         scores.append(image_scores(prob, cached.labels[held], recipe.threshold))
-    top, dice, outlined, les = (torch.cat([s[k] for s in scores]).numpy() for k in ("top", "dice", "outlined", "lesion"))
-    curve = []
-    for g in GATES:
-        kept = (top >= g) & outlined
-        per_image = np.where(les, dice * kept, 1.0 - kept)
-        curve.append({
-            "gate": g, "score": float(per_image.mean()), "lesion_dice": float(per_image[les].mean()),
-            "normal_fp": float(kept[~les].mean()), "lesions_missed": int((les & ~kept).sum()),
-        })  # fmt: skip
-    best = max(curve, key=lambda c: (round(c["score"], 6), -c["gate"]))  # on a tie, the lower gate
-    result = {"chosen": best["gate"], "n_images": len(dice), "curve": curve}
-    write_json(result, Path(out) / "gate.json")
-    gate_plot(result, Path(out) / "gate.png")
-    for ck, path in zip(checkpoints, paths):
-        ck["network"] = dataclasses.replace(model_from_checkpoint(ck).config, confidence_gate=best["gate"]).to_dict()
-        atomic_torch_save(ck, path)
+    result = choose_ensemble_gate({k: torch.cat([s[k] for s in scores]) for k in scores[0]})
+    write_gate_record(result, out, "held-out folds")
+    # The ensemble's gate replaces each fold's own (chosen on its validation slice).
+    for path in paths:
+        set_checkpoint_gate(path, result["chosen"], "held-out folds")
     return result
 
 
@@ -187,7 +175,8 @@ def summarize_folds(out: Path, preset: str, recipe) -> dict:
         return (float(np.mean(vals)), float(np.std(vals))) if vals else (None, None)
 
     summary = {"preset": preset, "recipe": recipe.to_dict(), "folds": results}
-    for key in ("held_out_dice", "held_out_normal_fp", "held_out_score"):
+    keys = [f"held_out{g}_{m}" for g in ("", "_run_gate", "_recipe_gate") for m in ("dice", "normal_fp", "score")]
+    for key in keys:
         summary[f"{key}_mean"], summary[f"{key}_std"] = stats(key)
     gate = Path(out) / "gate.json"
     if gate.is_file():
