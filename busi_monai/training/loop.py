@@ -35,6 +35,7 @@ from busi_monai.model.checkpoint import (
 from busi_monai.interactive.zoom import training_crops
 from busi_monai.model.networks import build_network, network_config, takes_previous
 from busi_monai.training.augmentation import augmentation
+from busi_monai.training.gate import choose_run_gate
 from busi_monai.training.graphs import GraphedStep
 from busi_monai.training.losses import make_loss
 from busi_monai.training.optimizers import make_optimizer
@@ -314,6 +315,8 @@ class Trainer:
                 s.on_epoch(rec)
         if writer:
             writer.close()
+        # The served model's own gate, chosen on this run's validation slice (never the test split).
+        gate = choose_run_gate(self.out, self.val_d, r, self.amp) if self.best_path.is_file() else {}
         validated = len(self.val_d) > 0
         summary = {
             "preset": self.preset,
@@ -328,6 +331,8 @@ class Trainer:
             "train_time_s": time.time() - t0,
             "checkpoint_writes": self.pacer.writes,
             "model": str(self.best_path),
+            "confidence_gate": gate.get("confidence_gate", r.confidence_gate),
+            "gate_source": gate.get("gate_source", "recipe: no model written"),
         }
         write_json(summary, self.out / "summary.json")
         return summary
