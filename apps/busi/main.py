@@ -98,6 +98,14 @@ class BusiApp(MONAILabelApp):
     def info(self):
         meta = super().info()
         v = self.task.served.version()
+        # The served model's confidence gate: images whose highest lesion probability is below
+        # it get an empty mask (0: off). None when there is no model or it cannot be loaded
+        # (infer then says why): /info must answer whatever the weights are.
+        gate = None
+        try:
+            gate = float(self.task.served.get()[0].network.config.confidence_gate) if v else None
+        except Exception as e:
+            logger.warning("/info: the served model's gate is unknown: %s", e)
         # Names only: /info is open to every client, and server paths are nobody's business there.
         meta["busi"] = {
             "preset": self.task.settings.preset,
@@ -109,6 +117,7 @@ class BusiApp(MONAILabelApp):
             "model_mtime": v.mtime if v else None,
             "bundle": os.path.basename(self.task.settings.bundle) if self.task.settings.bundle else None,
             "mc_passes": self.task.settings.mc_passes,
+            "confidence_gate": gate,
         }
         return _json_safe(meta, "/info")
 

@@ -160,17 +160,39 @@ class AttentionUNetTrain(TrainTask):
         (found / "init.pt").unlink(missing_ok=True)  # the killed run's starting weights, not needed now
         return str(found), resumed_from
 
-    def _init_weights(self, run_dir: str) -> str | None:
-        """The served weights as the starting point (MONAI Label's "pretrained"), saved in the run."""
+    def _init_weights(self, run_dir: str, ck: dict | None) -> str | None:
+        """The served weights ``ck`` as the starting point (MONAI Label's "pretrained"), saved in the run."""
         import torch
 
-        ck = self.served.init_checkpoint()
         if ck is None:
             return None
         init = os.path.join(run_dir, "init.pt")
         torch.save(ck, init)
         logger.info("attention_unet: starting from the current weights (%s)", ck.get("source", "bundle"))
         return init
+
+    @staticmethod
+    def _keep_served_gate(run_dir: str, summary: dict, served: dict | None) -> None:
+        """Too few normal (or lesion) labels to choose a gate on: keep the served model's gate
+        rather than the recipe's default, which was chosen for another model. ``summary`` is
+        updated (and rewritten) to say so."""
+        from busi_monai.training.gate import checkpoint_gate, set_checkpoint_gate
+
+        previous = checkpoint_gate(served)
+        if previous is None or not str(summary.get("gate_source", "")).startswith("fallback"):
+            return
+        source = f"{summary['gate_source']}; kept the served model's gate"
+        for name in ("model.pt", "last.pt"):
+            path = os.path.join(run_dir, name)
+            if os.path.isfile(path):
+                set_checkpoint_gate(path, previous, source)
+        summary.update(confidence_gate=previous, gate_source=source)
+        write_json(summary, os.path.join(run_dir, "summary.json"))
+        gate_json = os.path.join(run_dir, "gate.json")
+        if os.path.isfile(gate_json):
+            record, _ = read_json(gate_json)
+            write_json({**record, "confidence_gate": previous, "gate_source": source}, gate_json)
+        logger.info("attention_unet: confidence gate %.3g kept from the served model (%s)", previous, summary["gate_source"])
 
     def _train(self, request, datastore: Datastore):
         from busi_monai.data.packs import cache_items
@@ -197,7 +219,8 @@ class AttentionUNetTrain(TrainTask):
             "attention_unet: training on %d labelled images (%d train, %d validation), %d epochs, batch %d, lr %g, %dpx, device %s -> runs/%s",
             len(items), len(train_items), len(val_items), epochs, recipe.batch_size, recipe.learning_rate, recipe.image_size, device, run_id,
         )
-        init = self._init_weights(run_dir) if not resumed_from and pretrained else None
+        served = self.served.init_checkpoint()
+        init = self._init_weights(run_dir, served) if not resumed_from and pretrained else None
 
         start_ts = time.time()
         stats = {
@@ -223,6 +246,7 @@ class AttentionUNetTrain(TrainTask):
         )
         if init and os.path.exists(init):
             os.unlink(init)
+        self._keep_served_gate(run_dir, summary, served)
 
         published = publish_model(os.path.join(run_dir, "model.pt"), self.settings.model_dir)
         version = self.served.version()
@@ -244,6 +268,8 @@ class AttentionUNetTrain(TrainTask):
             device=summary.get("device"),
             preset=self.settings.preset,
             recipe=summary.get("recipe"),
+            confidence_gate=summary.get("confidence_gate"),
+            gate_source=summary.get("gate_source"),
             # Relative to model_dir: /info shows these, and the server's folders are not the client's business.
             run_dir=os.path.join("runs", run_id),
             model=MODEL_FILENAME,
