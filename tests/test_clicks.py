@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from busi_monai.inference.predictor import Predictor
+from busi_monai.interactive.protocol import dice
 from busi_monai.model.checkpoint import make_checkpoint
 from busi_monai.model.networks import build_network, network_config
 from busi_monai.training.recipes import get_recipe
@@ -125,6 +126,50 @@ def test_clicks_land_where_they_were_given_in_the_images_own_pixels(pad_square):
     assert not p.predict_clicks(image).raw_mask.any()
 
 
+@pytest.mark.parametrize("pad_square", [False, True])
+def test_zoomed_clicks_land_where_they_were_given_and_a_box_bounds_the_outline(pad_square):
+    p = _stub_predictor(pad_square=pad_square, zoom_fraction=0.5)
+    assert p.zoom is not None
+    image = np.zeros((120, 300), np.float32)
+    out = p.predict_clicks(image, foreground=[(90, 250)])
+    rows, cols = np.nonzero(out.raw_mask)
+    assert rows.size and abs(rows.mean() - 90) < 3 and abs(cols.mean() - 250) < 6
+    whole = _stub_predictor(pad_square=pad_square).predict_clicks(image, foreground=[(90, 250)])
+    assert out.raw_mask.sum() < whole.raw_mask.sum() / 4, "zoomed in, the click's disc covers fewer of the image's pixels"
+    box = (20, 40, 70, 160)  # rows 20-70, cols 40-160; the click lies outside it
+    boxed = p.predict_clicks(image, foreground=[(45, 100)], box=box)
+    inside = np.zeros_like(image, bool)
+    inside[20:71, 40:161] = True
+    assert boxed.mask[45, 100] == 1 and not boxed.mask[~inside].any()
+
+
+class EchoPrevious(torch.nn.Module):
+    """Stands in for a network with the previous-outline channel: it answers that channel."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    def forward_parts(self, x):
+        return 40.0 * (x[:, 3:4] - 0.5), []
+
+    def forward(self, x):
+        return self.forward_parts(x)[0]
+
+
+@pytest.mark.parametrize("pad_square", [False, True])
+def test_the_previous_outline_reaches_the_network_in_the_images_geometry(pad_square):
+    p = Predictor(_click_checkpoint(pad_square=pad_square, zoom_fraction=0.0), device="cpu", amp=False)
+    assert p.takes_previous
+    p.models = [EchoPrevious(p.network.config)]
+    p.averaged = p.models[0]
+    previous = np.zeros((120, 300), np.uint8)
+    previous[30:90, 200:280] = 1
+    out = p.predict_clicks(np.zeros((120, 300), np.float32), foreground=[(60, 240)], previous=previous)
+    assert dice(out.mask, previous) > 0.9  # 32 px of a 300 px wide image: a few pixels of rounding
+    assert not p.predict_clicks(np.zeros((120, 300), np.float32), foreground=[(60, 240)]).raw_mask.any()
+
+
 def test_a_model_without_click_channels_refuses_clicks():
     p = Predictor(_click_checkpoint(preset="fast"), device="cpu")
     assert not p.takes_clicks
@@ -185,7 +230,15 @@ def test_infer_clicks_on_the_command_line(tmp_path, capsys):
     Image.fromarray((np.random.default_rng(0).random((60, 80)) * 255).astype(np.uint8)).save(image)
     rc = main(["infer", "--model", str(model), "--out", str(tmp_path / "out"), "--device", "cpu", "--foreground", "40,20", "--background", "5,5", str(image)])
     assert rc == 0 and (tmp_path / "out" / "scan_mask.png").is_file()
-    assert np.asarray(Image.open(tmp_path / "out" / "scan_mask.png")).shape == (60, 80)
+    mask = np.asarray(Image.open(tmp_path / "out" / "scan_mask.png"))
+    assert mask.shape == (60, 80)
+    assert mask[20, 40] > 0 and mask[5, 5] == 0, "X is the column, Y the row: the clicked pixel is inside, the background click outside"
+    rc = main(["infer", "--model", str(model), "--out", str(tmp_path / "boxed"), "--device", "cpu", "--box", "70,50,30,10", str(image)])
+    boxed = np.asarray(Image.open(tmp_path / "boxed" / "scan_mask.png")) > 0
+    assert rc == 0 and not boxed[:10].any() and not boxed[51:].any() and not boxed[:, :30].any() and not boxed[:, 71:].any()
+    for bad, why in ((["--box", "90,10,120,40"], "outside the 80x60 image"), (["--box", "1,2,3"], "expected X0,Y0,X1,Y1")):
+        rc = main(["infer", "--model", str(model), "--out", str(tmp_path / "bad"), "--device", "cpu", *bad, str(image)])
+        assert rc == 2 and why in capsys.readouterr().err
     for bad, why in ((["--foreground", "80,20"], "outside the 80x60 image"), (["--foreground", "4;5"], "expected X,Y")):
         rc = main(["infer", "--model", str(model), "--out", str(tmp_path / "bad"), "--device", "cpu", *bad, str(image)])
         assert rc == 2 and why in capsys.readouterr().err
