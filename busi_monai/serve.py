@@ -78,12 +78,13 @@ def warm_up(
     clicks: bool = False,
 ) -> dict:
     """Train a first small model (the ``warmup`` recipe) on the studies' labelled images and publish
-    it; with ``clicks``, its network takes clicks too, so the app's click tool works at once."""
+    it; with ``clicks``, its network also takes clicks, the previous outline and boxes (the app's
+    click network), so the click tool works at once."""
     import random
 
     from busi_monai.data.packs import cache_items
     from busi_monai.data.splits import split_validation
-    from busi_monai.model.networks import takes_clicks
+    from busi_monai.model.networks import with_click_guidance
     from busi_monai.training.loop import TrainingError, fit
     from busi_monai.training.recipes import get_recipe
     from busi_monai.training.runs import usable_items
@@ -95,13 +96,13 @@ def warm_up(
     if len(items) > max_images:
         items = random.Random(0).sample(items, max_images)
     recipe = get_recipe(preset).with_overrides(epochs=epochs, image_size=image_size)
-    if clicks and not takes_clicks(recipe.network):
-        recipe = recipe.with_overrides(network=recipe.network + "+clicks")
+    if clicks:
+        recipe = recipe.with_overrides(network=with_click_guidance(recipe.network))
     image_size = recipe.image_size
     train_items, val_items = split_validation(items, recipe.val_fraction, seed=0)
     run_dir = Path(model_dir) / "runs" / "warmup"
     print(
-        f"busi-monai serve: training a first model ({preset} preset, {image_size}px, {recipe.epochs} epochs, {recipe.loss}) on "
+        f"busi-monai serve: training a first model ({preset} preset, network {recipe.network}, {image_size}px, {recipe.epochs} epochs, {recipe.loss}) on "
         f"{len(train_items)} labelled images, validating on {len(val_items)}",
         flush=True,
     )
@@ -113,6 +114,19 @@ def warm_up(
     summary["warmup_time_s"] = round(time.time() - t0, 1)
     summary["published"] = published
     return summary
+
+
+def conf_flag(conf: dict, key: str, default: bool) -> bool:
+    """A true/false app option (``--conf KEY VALUE``), as the app and ``serve`` both read it;
+    ValueError naming it for anything else."""
+    v = conf.get(key)
+    if v in (None, ""):
+        return default
+    if str(v).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(v).lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"--conf {key} {v!r}: expected true or false")
 
 
 def _parse(argv=None):
@@ -150,6 +164,12 @@ def main(argv=None) -> int:
         conf["preset"] = a.preset
     if a.device != "auto":
         conf.setdefault("device", a.device)
+    try:
+        # The app serves a click network unless told `--conf clicks false` (then: the preset's).
+        clicks = conf_flag(conf, "clicks", True)
+    except ValueError as e:
+        print(f"busi-monai serve: {e}", file=sys.stderr)
+        return 2
     model_dir = conf.get("model_dir") or a.model_dir or default_model_dir(a.app_dir)
     conf["model_dir"] = os.path.realpath(model_dir)
     studies = Path(a.studies)
@@ -170,7 +190,7 @@ def main(argv=None) -> int:
         from busi_monai.training.recipes import get_recipe
 
         try:
-            clicks = takes_clicks(get_recipe(conf.get("preset") or "paper").network)
+            clicks = clicks or takes_clicks(get_recipe(conf.get("preset") or "paper").network)
             s = warm_up(studies, conf["model_dir"], image_size=a.warmup_size, epochs=a.warmup_epochs, device=a.device, clicks=clicks)
         except TrainingError as e:
             print(f"busi-monai serve: no first model: {e}. Label some images in Slicer and press Train.", flush=True)

@@ -1,7 +1,8 @@
-"""The app's click tool as Slicer drives it: with a click-guided preset the server lists an
+"""The app's click tool as Slicer drives it: the default server (no preset) lists an
 ``attention_unet_clicks`` model of DeepGrow type, takes ``foreground``/``background`` points as
-the image's IJK indices ([i, j, k]: column, row, slice) and answers with the same mask
-``Predictor.predict_clicks`` draws for those clicks in (row, col)."""
+the image's IJK indices ([i, j, k]: column, row, slice) and Slicer's ROI box (``roi``: [i0, i1,
+j0, j1, k0, k1]), corrects the outline it last answered to the same client for the same image,
+and answers with the same mask ``Predictor.predict_clicks`` draws for those clicks in (row, col)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ pytest.importorskip("monailabel")
 
 CLICKS = "attention_unet_clicks"
 IMAGE_ID = "wide_scan"
+OTHER_ID = "other_scan"
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """(client, image path, checkpoint) of a server whose preset is ``interactive``, serving an
-    untrained click network: its output follows the click maps, which is all these tests need."""
+    """(client, image path, checkpoint, root, server) of the default server (no preset: the
+    paper's recipe with click guidance), serving an untrained click network: its output follows
+    the click maps and the previous outline, which is all these tests need."""
     import torch
     from PIL import Image
 
@@ -40,6 +43,7 @@ def served(tmp_path_factory):
     image = studies / f"{IMAGE_ID}.png"
     # Not square, so that a swapped row and column would land elsewhere (or outside).
     Image.fromarray((np.random.default_rng(0).random((90, 160)) * 255).astype(np.uint8)).save(image)
+    Image.fromarray((np.random.default_rng(1).random((90, 160)) * 255).astype(np.uint8)).save(studies / f"{OTHER_ID}.png")
     torch.manual_seed(0)
     recipe = get_recipe("interactive").with_overrides(image_size=64)
     net = build_network(recipe.network).eval()
@@ -57,10 +61,10 @@ def served(tmp_path_factory):
     (root / "model").mkdir()
     atomic_torch_save(ckpt, root / "crafted.pt")
     atomic_torch_save(ckpt, root / "model" / MODEL_FILENAME)
-    srv = AppServer(studies, root / "model", workdir=root / "server", conf={"preset": "interactive", "device": "cpu"})
+    srv = AppServer(studies, root / "model", workdir=root / "server", conf={"device": "cpu"})
     srv.start()
     try:
-        yield srv.client(), image, ckpt, root
+        yield srv.client(), image, ckpt, root, srv
     finally:
         srv.stop()
 
@@ -69,34 +73,49 @@ def _mask(path) -> np.ndarray:
     return itk.array_from_image(itk.imread(str(path))).squeeze()
 
 
-def test_info_lists_the_click_model_as_deepgrow(served):
+def _client(served, client_id: str):
+    """A client that says who it is, as Slicer does (its default id is "user-xyz")."""
+    from monailabel.client import MONAILabelClient
+
+    srv = served[4]
+    return MONAILabelClient(srv.url, tmpdir=str(srv.workdir / "client"), client_id=client_id)
+
+
+def test_the_default_server_lists_the_click_model_as_deepgrow(served):
     client, *_ = served
-    models = client.info()["models"]
+    info = client.info()
+    models = info["models"]
+    assert info["busi"]["preset"] == "paper", "started without a preset"
     assert CLICKS in models and "attention_unet" in models
     assert models[CLICKS]["type"] == "deepgrow" and models[CLICKS]["dimension"] == 2
     assert models[CLICKS]["labels"] == {"lesion": 1}
+    assert "click" in models[CLICKS]["description"] and "ROI box" in models[CLICKS]["description"]
 
 
 def test_clicks_as_slicer_sends_them_give_the_predictors_mask(served):
     from busi_monai.data.io import read_image
     from busi_monai.inference.predictor import Predictor
 
-    client, image, ckpt, _ = served
+    _, image, ckpt, *_ = served
+    client = _client(served, "slicer-order")
     fg, bg = [[120, 30, 0]], [[20, 70, 0]]  # [i, j, k]: column, row, slice
     result, params = client.infer(CLICKS, IMAGE_ID, {"foreground": fg, "background": bg, "result_extension": ".nrrd"})
     served_mask = _mask(result)
     assert served_mask.shape == (90, 160)
     local = Predictor(ckpt, device="cpu")
     img = read_image(image)
-    expected = local.predict_clicks(img, foreground=[(30, 120)], background=[(70, 20)]).mask
-    elsewhere = local.predict_clicks(img, foreground=[(70, 30)], background=[(20, 140)]).mask
+    # A first request corrects the automatic outline, what Run shows.
+    auto = local.predict([img])[0].mask
+    expected = local.predict_clicks(img, foreground=[(30, 120)], background=[(70, 20)], previous=auto).mask
+    elsewhere = local.predict_clicks(img, foreground=[(70, 30)], background=[(20, 140)], previous=auto).mask
     assert expected.any() and not expected.all(), "a mask that is all or nothing would make the comparison vacuous"
     np.testing.assert_array_equal(served_mask, expected)
     assert not np.array_equal(expected, elsewhere), "where the clicks are changes the mask"
-    assert params["lesion_area_px"] == int(expected.sum())
-    # DeepEdit-style requests name the foreground by its label.
-    result2, _ = client.infer(CLICKS, IMAGE_ID, {"lesion": fg, "background": bg, "result_extension": ".nrrd"})
+    assert params["lesion_area_px"] == int(expected.sum()) and params["previous"] == "automatic"
+    # DeepEdit-style requests name the foreground by its label (the same clicks: no correction).
+    result2, params2 = client.infer(CLICKS, IMAGE_ID, {"lesion": fg, "background": bg, "result_extension": ".nrrd"})
     np.testing.assert_array_equal(_mask(result2), expected)
+    assert params2["previous"] == "automatic"
 
 
 @pytest.mark.parametrize(
@@ -123,9 +142,10 @@ def test_a_clinicians_loop_outline_clicks_submit_train(served):
     """Run, correct with a click, Submit Label, Train: the new weights serve the click tool."""
     import time
 
-    from busi_monai.serve import publish_model
+    from busi_monai.model.checkpoint import load_checkpoint
+    from busi_monai.serve import MODEL_FILENAME, publish_model
 
-    client, image, _, root = served
+    client, image, _, root, _ = served
     before = client.info()["busi"]["model_version"]
     auto, _ = client.infer("attention_unet", IMAGE_ID, {"result_extension": ".nrrd"})
     assert _mask(auto).shape == (90, 160)
@@ -144,6 +164,9 @@ def test_a_clinicians_loop_outline_clicks_submit_train(served):
         result, params = client.infer(CLICKS, IMAGE_ID, {"foreground": [[120, 30, 0]], "result_extension": ".nrrd"})
         assert params["model_version"] == after and params["image_size"] == 32
         assert _mask(result).shape == (90, 160)
+        # The one network for both tools: the paper's, with the click maps and the previous outline.
+        trained = load_checkpoint(root / "model" / MODEL_FILENAME)
+        assert trained["recipe"]["network"] == "paper+clicks+prev" and trained["network"]["in_channels"] == 4
     finally:  # the other tests compare against the crafted weights
         publish_model(root / "crafted.pt", root / "model")
 
@@ -182,7 +205,7 @@ def test_the_clicked_pixel_is_inside_the_returned_mask(served):
     from busi_monai.serve import publish_model
     from busi_monai.training.recipes import get_recipe
 
-    client, _, _, root = served
+    client, _, _, root, _ = served
     recipe = get_recipe("interactive").with_overrides(image_size=64)
     atomic_torch_save(make_checkpoint(_click_follower(recipe), recipe, "interactive"), root / "follower.pt")
     publish_model(root / "follower.pt", root / "model")
@@ -196,5 +219,170 @@ def test_the_clicked_pixel_is_inside_the_returned_mask(served):
             assert mask.sum() < 0.05 * mask.size, "an outline around the click, not the whole image"
         empty, _ = client.infer(CLICKS, IMAGE_ID, {"foreground": [], "background": [], "result_extension": ".nrrd"})
         assert not _mask(empty).any(), "no click, no outline"
+    finally:
+        publish_model(root / "crafted.pt", root / "model")
+
+
+def _publish(root, net, recipe, name: str) -> None:
+    from busi_monai.model.checkpoint import atomic_torch_save, make_checkpoint
+    from busi_monai.serve import publish_model
+
+    atomic_torch_save(make_checkpoint(net, recipe, recipe.network), root / f"{name}.pt")
+    publish_model(root / f"{name}.pt", root / "model")
+
+
+def _all_lesion(recipe):
+    """A stand-in network that calls every pixel lesion, whatever it is given: what it answers
+    inside a box is the box itself."""
+    import torch
+
+    from busi_monai.model.networks import build_network
+
+    net = build_network(recipe.network).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net.head.conv.bias.fill_(10.0)
+    return net
+
+
+def test_slicers_roi_box_gives_an_outline_inside_it(served):
+    """An off-centre box on a non-square image, in Slicer's order ([i0, i1, j0, j1, k0, k1]:
+    column range, row range, slice range): the outline is that box's rows and columns, whichever
+    way the pairs come; a box with clicks follows both."""
+    from busi_monai.interactive.zoom import box_mask
+    from busi_monai.serve import publish_model
+    from busi_monai.training.recipes import get_recipe
+
+    _, _, _, root, _ = served
+    client = _client(served, "roi")
+    _publish(root, _all_lesion(get_recipe("interactive").with_overrides(image_size=64)), get_recipe("interactive").with_overrides(image_size=64), "all_lesion")
+    try:
+        inside = box_mask((10, 100, 40, 150), (90, 160))  # rows 10..40, columns 100..150
+        for roi in ([100, 150, 10, 40, 0, 0], [150, 100, 40, 10, 0, 0], [100, 150, 10, 40]):
+            result, params = client.infer(CLICKS, IMAGE_ID, {"foreground": [], "background": [], "roi": roi, "result_extension": ".nrrd"})
+            mask = _mask(result)
+            assert mask.any(), f"roi {roi}: an empty outline"
+            np.testing.assert_array_equal(mask.astype(bool), inside, err_msg=f"roi {roi}: not the box's rows and columns")
+            assert params["box"] == [10, 100, 40, 150]
+        # Box and clicks: a background click inside the box cuts the outline there.
+        result, params = client.infer(
+            CLICKS, IMAGE_ID, {"foreground": [[110, 20, 0]], "background": [[140, 35, 0]], "roi": [100, 150, 10, 40, 0, 0], "result_extension": ".nrrd"}
+        )
+        mask = _mask(result)
+        assert mask[20, 110] == 1 and mask[35, 140] == 0
+        assert not (mask.astype(bool) & ~inside).any() and mask.sum() > 0.8 * inside.sum()
+        # No box: the whole image (this stand-in calls everything lesion).
+        result, params = client.infer(CLICKS, IMAGE_ID, {"foreground": [[110, 20, 0]], "background": [], "roi": [], "result_extension": ".nrrd"})
+        assert _mask(result).all() and params["box"] is None
+    finally:
+        publish_model(root / "crafted.pt", root / "model")
+
+
+@pytest.mark.parametrize(
+    ("roi", "why"),
+    [
+        ([170, 200, 10, 40, 0, 0], "outside the 160x90 image"),
+        ([10, 40, 100, 150, 0, 0], "outside the 160x90 image"),  # rows and columns swapped
+        ([30, 30, 10, 40, 0, 0], "too small"),
+        ([float("nan"), 60, 10, 40, 0, 0], "not finite"),
+        ([10, 60, 10], "expected [i0, i1, j0, j1, k0, k1]"),
+        ([10, "a", 10, 40, 0, 0], "not numeric"),
+    ],
+)
+def test_a_bad_roi_gets_a_422_naming_the_problem_and_the_server_keeps_serving(served, roi, why):
+    from monailabel.client.client import MONAILabelClientException
+
+    client, *_ = served
+    with pytest.raises(MONAILabelClientException) as e:
+        client.infer(CLICKS, IMAGE_ID, {"foreground": [[120, 30, 0]], "roi": roi, "result_extension": ".nrrd"})
+    assert "422" in str(e.value) and why in str(e.value)
+    result, _ = client.infer(CLICKS, IMAGE_ID, {"foreground": [[120, 30, 0]], "roi": [100, 150, 10, 40, 0, 0], "result_extension": ".nrrd"})
+    assert _mask(result).shape == (90, 160)
+
+
+def test_the_next_click_corrects_the_last_outline_of_the_same_client_and_image(served):
+    """Slicer sends the clicks so far: when they extend the last request's, the network gets the
+    outline it answered then (params ``previous``: "reused"); another client, another image or a
+    sequence that does not extend starts from the automatic outline."""
+    from busi_monai.data.io import read_image
+    from busi_monai.inference.predictor import Predictor
+
+    _, image, ckpt, *_ = served
+    me, other = _client(served, "me"), _client(served, "someone-else")
+    a, b, c = [120, 30, 0], [100, 40, 0], [60, 20, 0]
+
+    def ask(client, image_id, fg):
+        result, params = client.infer(CLICKS, image_id, {"foreground": fg, "background": [], "roi": [], "result_extension": ".nrrd"})
+        return _mask(result), params["previous"]
+
+    first, how = ask(me, IMAGE_ID, [a])
+    assert how == "automatic"
+    second, how = ask(me, IMAGE_ID, [a, b])
+    assert how == "reused"
+    # What the network was given is the first answer, not the automatic outline.
+    local = Predictor(ckpt, device="cpu")
+    img = read_image(image)
+    from_first = local.predict_clicks(img, [(30, 120), (40, 100)], previous=first).mask
+    from_auto = local.predict_clicks(img, [(30, 120), (40, 100)], previous=local.predict([img])[0].mask).mask
+    assert not np.array_equal(from_first, from_auto), "the previous outline must change the answer for this check to mean anything"
+    np.testing.assert_array_equal(second, from_first)
+    # Nothing shared across clients or images.
+    assert ask(other, IMAGE_ID, [a, b, c])[1] == "automatic"
+    assert ask(me, OTHER_ID, [a, b, c])[1] == "automatic"
+    # ... and neither replaced this client's outline of this image.
+    assert ask(me, IMAGE_ID, [a, b, c])[1] == "reused"
+    # A click deleted or moved: afresh; the same clicks again: afresh.
+    assert ask(me, IMAGE_ID, [a, c])[1] == "automatic"
+    assert ask(me, IMAGE_ID, [a, c])[1] == "automatic"
+
+
+def test_a_model_that_takes_no_clicks_answers_409_from_the_click_model(served):
+    """An older checkpoint (no click channels) served by the app: the click model says why, the
+    automatic model still answers."""
+    from monailabel.client.client import MONAILabelClientException
+
+    from busi_monai.model.networks import build_network
+    from busi_monai.serve import publish_model
+    from busi_monai.training.recipes import get_recipe
+
+    client, _, _, root, _ = served
+    recipe = get_recipe("fast").with_overrides(image_size=64)
+    _publish(root, build_network(recipe.network).eval(), recipe, "no_clicks")
+    try:
+        with pytest.raises(MONAILabelClientException) as e:
+            client.infer(CLICKS, IMAGE_ID, {"foreground": [[120, 30, 0]], "result_extension": ".nrrd"})
+        assert "409" in str(e.value) and "takes no clicks" in str(e.value)
+        result, _ = client.infer("attention_unet", IMAGE_ID, {"result_extension": ".nrrd"})
+        assert _mask(result).shape == (90, 160)
+    finally:
+        publish_model(root / "crafted.pt", root / "model")
+
+
+def test_a_click_model_without_the_previous_outline_is_served_as_before(served):
+    """An older click checkpoint (``+clicks``, no previous-outline channel): its answer is the
+    clicks' alone, and no outline is carried over."""
+    import torch
+
+    from busi_monai.data.io import read_image
+    from busi_monai.inference.predictor import Predictor
+    from busi_monai.model.checkpoint import load_checkpoint
+    from busi_monai.model.networks import build_network
+    from busi_monai.serve import publish_model
+    from busi_monai.training.recipes import get_recipe
+
+    _, image, _, root, _ = served
+    client = _client(served, "older")
+    recipe = get_recipe("interactive").with_overrides(image_size=64, network="fast+clicks")
+    torch.manual_seed(1)
+    _publish(root, build_network(recipe.network).eval(), recipe, "clicks_only")
+    try:
+        local = Predictor(load_checkpoint(root / "clicks_only.pt"), device="cpu")
+        assert local.takes_clicks and not local.takes_previous
+        img = read_image(image)
+        for fg in ([[120, 30, 0]], [[120, 30, 0], [100, 40, 0]]):
+            result, params = client.infer(CLICKS, IMAGE_ID, {"foreground": fg, "result_extension": ".nrrd"})
+            assert params["previous"] == "none"
+            np.testing.assert_array_equal(_mask(result), local.predict_clicks(img, [(p[1], p[0]) for p in fg]).mask)
     finally:
         publish_model(root / "crafted.pt", root / "model")

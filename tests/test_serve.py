@@ -29,6 +29,7 @@ from busi_monai.model.checkpoint import load_checkpoint
 from busi_monai.serve import MODEL_FILENAME, STATS_FILENAME
 
 MODEL = "attention_unet"
+CLICKS = "attention_unet_clicks"
 WARMUP = ["--warmup-epochs", "3", "--warmup-size", "32"]
 # What the Train button sends, kept small: the point is the statistics, not the model.
 TRAIN = {"max_epochs": 1, "image_size": 32, "device": "cpu"}
@@ -105,6 +106,11 @@ def test_serve_builds_studies_trains_a_warmup_model_and_serves_it(served):
     got = info(srv)
     assert MODEL in got["models"] and got["busi"]["model_version"] and (model_dir / MODEL_FILENAME).is_file()
     assert "warm-up training took" in srv.log_tail(100000)
+    # The click tool beside the automatic one, whatever the preset (here `fast`), on a warm-up
+    # model that takes clicks, the previous outline and boxes.
+    clicks = got["models"][CLICKS]
+    assert clicks["type"] == "deepgrow" and clicks["dimension"] == 2
+    assert warm["recipe"]["network"] == "fast+clicks+prev" and warm["network"]["in_channels"] == 4
 
 
 @pytest.mark.parametrize("val_split", [None, 0.2], ids=["default-val-split", "val-split-0.2"])
@@ -170,13 +176,76 @@ def test_info_answers_whatever_the_stats_file_holds(sample_dir, trained_model, t
         assert info(srv)["train_stats"][MODEL]["status"] == "UNREADABLE"
 
 
-def test_the_warm_up_model_takes_clicks_when_the_app_preset_does(sample_dir, tmp_path):
-    """`serve --preset interactive` publishes a first model that the click tool can use at once."""
+def test_the_warm_up_model_takes_clicks_boxes_and_the_previous_outline(sample_dir, tmp_path):
+    """The first model `serve` publishes is one the click tool can use at once: clicks, the
+    previous outline and a box."""
+    import numpy as np
+
     from busi_monai.data.studies import build_studies
+    from busi_monai.inference.predictor import Predictor
     from busi_monai.model.checkpoint import load_checkpoint
     from busi_monai.serve import MODEL_FILENAME, warm_up
 
     build_studies(sample_dir, tmp_path / "studies", label_fraction=0.5)
     warm_up(tmp_path / "studies", tmp_path / "model", image_size=32, epochs=1, device="cpu", clicks=True)
     ck = load_checkpoint(tmp_path / "model" / MODEL_FILENAME)
-    assert ck["network"]["in_channels"] == 3 and ck["recipe"]["network"].endswith("+clicks")
+    assert ck["network"]["in_channels"] == 4 and ck["recipe"]["network"] == "fast+clicks+prev"
+    p = Predictor(ck, device="cpu")
+    assert p.takes_clicks and p.takes_previous
+    img = np.random.default_rng(0).random((40, 60)).astype(np.float32)
+    m = p.predict_clicks(img, foreground=[(20, 45)], box=(10, 35, 30, 55), previous=np.zeros((40, 60), np.uint8)).mask
+    assert m[20, 45] == 1 and m[:, :35].sum() == 0 and m[:9].sum() == 0
+
+
+def _dry_run_conf(capsys, argv) -> tuple[int, dict]:
+    """`python -m busi_monai.serve ... --dry-run`: its exit code and the app options it would start with."""
+    from busi_monai.serve import main
+
+    rc = main(argv)
+    out = capsys.readouterr()
+    line = [ln for ln in out.out.splitlines() if "start_server" in ln]
+    args = line[-1].split() if line else []
+    return rc, {args[i + 1]: args[i + 2] for i, a in enumerate(args) if a == "--conf"}
+
+
+def test_the_default_server_offers_the_click_model_beside_the_automatic_one(tmp_path, capsys, monkeypatch):
+    """`make serve` without a preset: the app it starts lists `attention_unet_clicks` (DeepGrow,
+    2D), and Train trains the preset's recipe on the click network; `--conf clicks false`
+    leaves the preset's network alone."""
+    from busi_monai.model.networks import with_click_guidance
+    from busi_monai.serve import APP_DIR
+    from busi_monai.training.recipes import get_recipe
+
+    (tmp_path / "studies").mkdir()  # an existing (empty) studies folder is not rebuilt
+    base = ["--studies", str(tmp_path / "studies"), "--no-warmup", "--dry-run", "--model-dir", str(tmp_path / "model")]
+    rc, conf = _dry_run_conf(capsys, base)
+    assert rc == 0 and conf["preset"] in ("paper", "fast") and "clicks" not in conf
+
+    monkeypatch.syspath_prepend(str(APP_DIR))
+    for m in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:
+        monkeypatch.delitem(sys.modules, m)
+    from lib.configs.attention_unet import AttentionUNet
+    from monailabel.interfaces.tasks.infer_v2 import InferType
+
+    task = AttentionUNet()
+    task.init(MODEL, conf["model_dir"], conf, None, app_dir=str(APP_DIR))
+    infers = task.infer()
+    assert set(infers) >= {MODEL, CLICKS}
+    assert infers[CLICKS].type == InferType.DEEPGROW and infers[CLICKS].dimension == 2
+    assert infers[MODEL].type == InferType.SEGMENTATION
+    preset = get_recipe(conf["preset"])
+    trains = task.settings.recipe
+    assert trains.network == with_click_guidance(preset.network) == f"{preset.network}+clicks+prev"
+    # The preset's hyperparameters stay; click simulation sits beside them.
+    assert (trains.loss, trains.learning_rate, trains.batch_size, trains.epochs, trains.image_size) == (
+        preset.loss, preset.learning_rate, preset.batch_size, preset.epochs, preset.image_size,
+    )  # fmt: skip
+    assert task.trainer().config()["image_size"] == preset.image_size
+
+    off = AttentionUNet()
+    off.init(MODEL, conf["model_dir"], {**conf, "preset": "fast", "clicks": "false"}, None, app_dir=str(APP_DIR))
+    assert CLICKS not in off.infer() and off.settings.recipe.network == "fast"
+    with pytest.raises(ValueError, match="--conf clicks 'maybe'"):
+        AttentionUNet().init(MODEL, conf["model_dir"], {**conf, "clicks": "maybe"}, None, app_dir=str(APP_DIR))
+    rc, _ = _dry_run_conf(capsys, [*base, "--conf", "clicks", "maybe"])
+    assert rc == 2

@@ -5,7 +5,8 @@ CLI, the bundle and this app train and segment identically. This module adds wha
 specific to a running MONAI Label server:
 
 * :class:`AppSettings`: the ``--conf`` options (preset, image_size, epochs, device, mc_passes,
-  bundle, model_dir, score_labeled, max_image_pixels), parsed and checked once.
+  bundle, model_dir, score_labeled, max_image_pixels, clicks, outline_cache), parsed and
+  checked once.
 * the served model (:class:`busi_monai.inference.served.ServedModel`): the weights infer and
   scoring use, reloaded at the next request when the published file (or the bundle) changes.
 """
@@ -22,8 +23,9 @@ import torch
 from monailabel.interfaces.config import TaskConfig
 
 from busi_monai.data.io import DEFAULT_MAX_PIXELS
+from busi_monai.inference.outlines import DEFAULT_CAPACITY, OutlineCache
 from busi_monai.inference.served import ServedModel
-from busi_monai.serve import MODEL_FILENAME, STATS_FILENAME, default_model_dir
+from busi_monai.serve import MODEL_FILENAME, STATS_FILENAME, conf_flag, default_model_dir
 from busi_monai.training.recipes import PRESETS, get_recipe
 from lib.activelearning.mc_dropout import (
     MCDropoutDiverseStrategy,
@@ -62,6 +64,10 @@ class AppSettings:
     model_dir: str = ""
     score_labeled: bool = False
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # images and labels above it are refused (4xx)
+    # The one network also takes clicks, the previous outline and a box (whatever the preset), so
+    # Slicer gets the click tool and Train trains it for both tools.
+    clicks: bool = True
+    outline_cache: int = DEFAULT_CAPACITY  # (client, image) outlines remembered for the next click
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -80,6 +86,9 @@ class AppSettings:
         mc_passes = _conf_int(conf, "mc_passes", 8)
         if mc_passes < 2:
             raise ValueError("--conf mc_passes: at least 2 Monte Carlo passes are needed to measure disagreement")
+        outline_cache = _conf_int(conf, "outline_cache", DEFAULT_CAPACITY)
+        if outline_cache < 0:
+            raise ValueError(f"--conf outline_cache {outline_cache}: must be 0 (remember nothing) or more")
         max_pixels = _conf_int(conf, "max_image_pixels", DEFAULT_MAX_PIXELS)
         if max_pixels < 64:
             raise ValueError(f"--conf max_image_pixels {max_pixels}: must be at least 64 (8x8 pixels)")
@@ -93,16 +102,24 @@ class AppSettings:
             model_dir=os.path.realpath(conf.get("model_dir") or default_model_dir(app_dir)),
             score_labeled=str(conf.get("score_labeled", "false")).lower() in TRUE,
             max_image_pixels=max_pixels,
+            clicks=conf_flag(conf, "clicks", True),
+            outline_cache=outline_cache,
             extra=conf,
         )
 
     @property
     def recipe(self):
-        return get_recipe(self.preset).with_overrides(epochs=self.epochs, image_size=self.image_size)
+        """The preset's recipe; with ``clicks``, its network also takes the click maps and the
+        previous outline, and the recipe's click simulation (click-free share, corrective rounds,
+        zoom) trains it beside the preset's own hyperparameters."""
+        from busi_monai.model.networks import with_click_guidance
+
+        r = get_recipe(self.preset).with_overrides(epochs=self.epochs, image_size=self.image_size)
+        return r.with_overrides(network=with_click_guidance(r.network)) if self.clicks else r
 
     @property
     def takes_clicks(self) -> bool:
-        """The preset trains a click-guided network (``+clicks``), so Slicer gets the click tool too."""
+        """The app trains a click-guided network (``+clicks``), so Slicer gets the click tool too."""
         from busi_monai.model.networks import takes_clicks
 
         return takes_clicks(self.recipe.network)
@@ -139,9 +156,11 @@ class AttentionUNet(TaskConfig):
         self.path = self.settings.model_path
         self.labels = dict(LABELS)
         self.served = ServedModel(self.settings.model_path, self.settings.bundle, self.settings.device)
+        # Each client's last outline per image, for the click model's next correction (memory only).
+        self.outlines = OutlineCache(self.settings.outline_cache)
         logger.info(
-            "attention_unet: preset=%s image_size=%s epochs=%s device=%s model=%s bundle=%s",
-            self.settings.preset, self.settings.recipe.image_size, self.settings.recipe.epochs,
+            "attention_unet: preset=%s network=%s image_size=%s epochs=%s device=%s model=%s bundle=%s",
+            self.settings.preset, self.settings.recipe.network, self.settings.recipe.image_size, self.settings.recipe.epochs,
             self.settings.device_description(), self.settings.model_path, self.settings.bundle,
         )
 
@@ -151,7 +170,7 @@ class AttentionUNet(TaskConfig):
             f"{self.name}_gradcam": GradCamInfer(self.served, self.settings),
         }
         if self.settings.takes_clicks:
-            infers[f"{self.name}_clicks"] = ClickInfer(self.served, self.settings, self.labels)
+            infers[f"{self.name}_clicks"] = ClickInfer(self.served, self.settings, self.labels, self.outlines)
         return infers
 
     def trainer(self):

@@ -115,8 +115,9 @@ class AttentionUNetInfer(InferTask):
             raise http_error(503, str(e).replace(self.settings.model_dir, "<model_dir>")) from None
         return image, img, ext, predictor, version
 
-    def predict(self, predictor, img, request):
-        return predictor.predict([img])[0]
+    def predict(self, predictor, img, request, version) -> tuple:
+        """The prediction, and what the response's params add about it."""
+        return predictor.predict([img])[0], {}
 
     def __call__(self, request):
         from busi_monai.data.io import write_mask
@@ -124,7 +125,7 @@ class AttentionUNetInfer(InferTask):
         t0 = time.time()
         image, img, ext, predictor, version = self._checked_request(request)
         t_pre = time.time()
-        pred = self.predict(predictor, img, request)
+        pred, extra = self.predict(predictor, img, request, version)
         t_infer = time.time()
         mask = pred.mask
         fd, out = tempfile.mkstemp(prefix="busi-result-", suffix=ext)
@@ -151,6 +152,7 @@ class AttentionUNetInfer(InferTask):
             "lesion_mean_probability": round(float(lesion_prob.mean()), 4) if lesion_prob.size else None,
             "label_names": {"lesion": 1},
             "result_extension": ext,
+            **extra,
             "latencies": {
                 "pre": round(t_pre - t0, 3),
                 "infer": round(t_infer - t_pre, 3),
@@ -189,23 +191,102 @@ def request_points(request: dict, key: str, shape: tuple[int, int]) -> list[tupl
     return out
 
 
+def request_box(request: dict, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """A request's ``roi`` as an inclusive (row0, col0, row1, col1) box on the image, or None.
+
+    Slicer sends its ROI as IJK index ranges [i0, i1, j0, j1, k0, k1] (i the column, j the row,
+    k the slice, each pair the ROI's RAS min/max corners converted to IJK and rounded); [] is
+    no ROI, and [i0, i1, j0, j1] is accepted too. A pair may come reversed (i0 > i1): on an image
+    whose IJK axes point against RAS (a PNG read as LPS) the RAS minimum is the IJK maximum, so
+    order is not an error. k is ignored: the image is one slice."""
+    roi = request.get("roi")
+    if roi is None or (isinstance(roi, (list, tuple)) and len(roi) == 0):
+        return None
+    if not isinstance(roi, (list, tuple)) or len(roi) not in (4, 6):
+        raise http_error(422, f"roi: expected [i0, i1, j0, j1, k0, k1] (or [i0, i1, j0, j1]) image indices, got {roi!r}"[:200])
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in roi):
+        raise http_error(422, f"roi {list(roi)!r}: not numeric"[:200])
+    from busi_monai.interactive.zoom import box_from_xyxy
+
+    i0, i1, j0, j1 = roi[:4]
+    try:
+        return box_from_xyxy(i0, j0, i1, j1, shape)
+    except ValueError as e:
+        raise http_error(422, f"roi {[float(v) for v in roi]}: {e} (i is the column, j the row)"[:300]) from None
+
+
+def _file_stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
 class ClickInfer(AttentionUNetInfer):
     """Click-guided segmentation (a DeepGrow-type model for Slicer): the served network redraws the
-    outline around the clicks. Slicer's MONAI Label module sends ``foreground`` and ``background``
-    point lists (DeepEdit-style requests name the foreground by the label, ``lesion``); with no
-    clicks it is the automatic model. Listed when the app's preset trains a ``+clicks`` network."""
+    outline around the clicks and inside Slicer's ROI box. Slicer's MONAI Label module sends
+    ``foreground`` and ``background`` point lists (DeepEdit-style requests name the foreground by
+    the label, ``lesion``) and ``roi``; with no clicks and no box it is the automatic model.
 
-    def __init__(self, served, settings, labels: dict):
+    A network with the previous-outline channel corrects an outline: the last one this client
+    got for this image when the clicks extend the ones that made it (``outlines``), else the
+    automatic outline, which is what Run shows. Params say which: ``previous`` is "reused",
+    "automatic" or "none"."""
+
+    def __init__(self, served, settings, labels: dict, outlines=None):
+        from busi_monai.inference.outlines import OutlineCache
+
         super().__init__(served, settings, labels)
         self.type = InferType.DEEPGROW
-        self.description = f"Click-guided lesion segmentation: click inside what was missed, outside what is wrong (preset {settings.preset}, {settings.device_description()})"
+        self.outlines = outlines if outlines is not None else OutlineCache(settings.outline_cache)
+        self.description = (
+            "Click-guided lesion segmentation: click inside what was missed, outside what is wrong, "
+            "or draw an ROI box around the lesion; each click corrects the last outline "
+            f"(preset {settings.preset}, {settings.device_description()})"
+        )
 
-    def predict(self, predictor, img, request):
+    def predict(self, predictor, img, request, version):
         if not predictor.takes_clicks:
-            raise http_error(409, "the served model takes no clicks: train the app's click-guided preset first (Train)")
+            raise http_error(409, "the served model takes no clicks: train the app's click-guided network first (Train)")
         fg = request_points(request, "foreground", img.shape) + request_points(request, "lesion", img.shape)
         bg = request_points(request, "background", img.shape)
-        return predictor.predict_clicks(img, fg, bg)
+        box = request_box(request, img.shape)
+        extra = {"box": list(box) if box else None, "previous": "none"}
+        if not (fg or bg or box):
+            # Nothing to correct with: the automatic outline, exactly what Run shows.
+            pred = predictor.predict([img])[0]
+        elif not predictor.takes_previous:
+            return predictor.predict_clicks(img, fg, bg, box=box), extra
+        else:
+            previous = self._previous(request, fg, bg, box, version)
+            extra["previous"] = "reused"
+            if previous is None or previous.shape != img.shape:
+                previous = predictor.predict([img])[0].mask
+                extra["previous"] = "automatic"
+            pred = predictor.predict_clicks(img, fg, bg, box=box, previous=previous)
+        if predictor.takes_previous:
+            self._remember(request, fg, bg, box, version, pred.mask)
+        return pred, extra
+
+    def _cache_key(self, request) -> tuple[str, str] | None:
+        """(client, image) of a request; None for an upload (a temporary file, gone after it)."""
+        image = request["image"]
+        if public_image_name(image) == "the uploaded image":
+            return None
+        # Slicer sends its client id ("user-xyz" unless set); a client without one is "".
+        return str(request.get("client_id") or ""), os.path.realpath(image)
+
+    def _previous(self, request, fg, bg, box, version):
+        key = self._cache_key(request)
+        if key is None:
+            return None
+        return self.outlines.previous(*key, fg, bg, box, version.version, stamp=_file_stamp(key[1]))
+
+    def _remember(self, request, fg, bg, box, version, mask) -> None:
+        key = self._cache_key(request)
+        if key is not None:
+            self.outlines.remember(*key, fg, bg, box, version.version, mask, stamp=_file_stamp(key[1]))
 
 
 GRADCAM_LEVELS = 10
