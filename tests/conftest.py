@@ -113,8 +113,11 @@ def client(app, tmp_path_factory):
 
 
 # The suite writes nothing into the repository: each session compares the untracked files
-# (ignored ones too, e.g. apps/busi/model/) before and after. Python's own __pycache__ aside.
+# (ignored ones too, e.g. apps/busi/model/) and the content of the tracked files that differ
+# from HEAD before and after. Python's own __pycache__ aside.
 def _untracked() -> set[str] | None:
+    import hashlib
+
     try:
         out = subprocess.run(
             ["git", "status", "--porcelain", "--ignored", "--untracked-files=all", "--", ".", ":!.venv", ":!*.egg-info"],
@@ -123,7 +126,13 @@ def _untracked() -> set[str] | None:
     except (OSError, subprocess.SubprocessError):
         return None
     paths = {line[3:] for line in out.splitlines() if line[:2] in ("??", "!!")}
-    return {p for p in paths if "__pycache__/" not in p and not p.endswith(".pyc")}
+    state = {p for p in paths if "__pycache__/" not in p and not p.endswith(".pyc")}
+    for line in out.splitlines():
+        if line[:2] not in ("??", "!!"):  # a tracked file changed: its content now
+            f = REPO / line[3:].split(" -> ")[-1]
+            digest = hashlib.sha256(f.read_bytes()).hexdigest()[:12] if f.is_file() else "deleted"
+            state.add(f"{line[3:]} (tracked, changed: {digest})")
+    return state
 
 
 def pytest_sessionstart(session):

@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -38,9 +37,9 @@ def test_inputs_are_checked_first_with_one_line(tmp_path, missing):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1] if missing == "port" else 0
-        t = time.time()
+        # _run's timeout bounds it: the inputs are checked before anything slow starts.
         r = _run("--wheelhouse", wheelhouse, "--pack", pack, "--out", tmp_path / "o.json", "--port", port)
-    assert r.returncode == 2 and time.time() - t < 10
+    assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and missing in lines[0], r.stderr
     assert not (tmp_path / "o.json").exists()

@@ -381,14 +381,14 @@ def test_load_concurrent_infer_and_labels(app, tmp_path):
             except Exception as e:  # collected: a thread's exception would otherwise be lost
                 errors.append((t, i, repr(e)))
 
-    t0 = time.time()
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(300)
+        t.join(300)  # bounds a hang; the verdict is what the threads got, not how fast
+    assert not any(t.is_alive() for t in threads), "a request never came back"
     assert not errors, errors
-    assert len(results) == 20 and time.time() - t0 < 300
+    assert len(results) == 20
     from busi_monai.data.io import read_mask
 
     objs = _objects(srv)
