@@ -21,9 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from busi_monai.data.dicom import DicomError, is_dicom, read_ultrasound
+
 PNG_LIKE = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-ITK_LIKE = (".nii", ".nii.gz", ".nrrd", ".seg.nrrd", ".nhdr", ".mha", ".mhd", ".dcm", "")
-SUPPORTED = PNG_LIKE + ITK_LIKE
+ITK_LIKE = (".nii", ".nii.gz", ".nrrd", ".seg.nrrd", ".nhdr", ".mha", ".mhd", "")
+DICOM_LIKE = (".dcm", ".dicom")
+SUPPORTED = PNG_LIKE + DICOM_LIKE + ITK_LIKE
 
 # Large enough for any ultrasound frame, small enough to stop a decompression bomb.
 DEFAULT_MAX_PIXELS = 4096 * 4096  # the app sets its own with --conf max_image_pixels
@@ -42,6 +45,9 @@ class Image2D:
     path: str = ""
     # Extra leading geometry of a single-slice 3D volume (Slicer writes labels that way).
     volume3d: dict | None = None
+    # The scan's (top, left, height, width) in the frame (an ultrasound DICOM's region): the
+    # network sees only this part; busi_monai.data.region crops to it and pastes back.
+    region: tuple[int, int, int, int] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -273,9 +279,22 @@ def _read_itk(path: str, max_pixels: int) -> Image2D:
     )
 
 
-def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image2D:
+def _read_dicom(path: str, max_pixels: int, frame: int | None) -> Image2D:
+    try:
+        us = read_ultrasound(path, frame=frame, max_pixels=max_pixels)
+    except DicomError as e:
+        raise BusiInputError(str(e)) from None
+    region = us.region if us.region is not None and us.region[2:] != us.array.shape else None
+    if us.array.size > max_pixels:
+        raise BusiInputError(f"{path}: image of {us.array.shape[1]}x{us.array.shape[0]} pixels is above the limit")
+    return Image2D(us.array, spacing=us.spacing or (1.0, 1.0), path=str(path), region=region)
+
+
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, frame: int | None = None) -> Image2D:
     """Read a 2D image (PNG, JPEG, BMP, TIFF, NIfTI, NRRD, MHA, DICOM) as float32 (H, W).
 
+    A DICOM is read with pydicom (:mod:`busi_monai.data.dicom`): its scan region and pixel
+    spacing come with it; ``frame`` picks one frame of a multi-frame file.
     Raises :class:`BusiInputError` naming the file for anything that is not one 2D image.
     """
     path = str(path)
@@ -286,6 +305,8 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image2
     ext = suffix_of(path)
     if ext in PNG_LIKE:
         img = _read_pil(path, max_pixels)
+    elif ext in DICOM_LIKE or (ext == "" or ext not in SUPPORTED) and is_dicom(path):
+        img = _read_dicom(path, max_pixels, frame)
     elif ext in ITK_LIKE:
         img = _read_itk(path, max_pixels)
     else:
@@ -300,8 +321,10 @@ def read_mask(
     expected_shape: tuple[int, int] | None = None,
     strict_binary: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    value: float | None = None,
 ) -> np.ndarray:
-    """Read a label as a {0, 1} uint8 (H, W) array; any non-zero value is lesion unless ``strict_binary``.
+    """Read a label as a {0, 1} uint8 (H, W) array; any non-zero value is lesion unless ``strict_binary``
+    or ``value`` (a multi-label mask's lesion label: only pixels of that value are lesion).
 
     ``strict_binary`` (labels submitted to the app) accepts 0/1, and 0/255 as binary PNG masks
     are usually saved; anything else (several segments, soft or colour masks) is refused with
@@ -317,17 +340,21 @@ def read_mask(
         if not (found <= {0.0, 1.0} or found <= {0.0, 255.0}):
             shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if len(values) > 6 else "")
             raise BusiInputError(f"{path}: label values must be 0 and 1 (or 0 and 255), found {shown}")
+    if value is not None:
+        return (arr == value).astype(np.uint8)
     return (arr > 0).astype(np.uint8)
 
 
-def read_masks_union(paths, expected_shape: tuple[int, int] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_masks_union(
+    paths, expected_shape: tuple[int, int] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, value: float | None = None
+) -> np.ndarray:
     """The lesion mask of an image with one or several mask files (BUSI's ``_mask``,
     ``_mask_1``, ...): their union, uint8 {0, 1}, each checked against ``expected_shape`` (or the
     first file's). No file at all is an empty (normal) mask of ``expected_shape``."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     out = None if expected_shape is None else np.zeros(expected_shape, dtype=np.uint8)
     for p in paths:
-        m = read_mask(p, expected_shape=None if out is None else out.shape, max_pixels=max_pixels)
+        m = read_mask(p, expected_shape=None if out is None else out.shape, max_pixels=max_pixels, value=value)
         out = m if out is None else out | m
     if out is None:
         raise BusiInputError("no mask file, and no image shape to make an empty mask of")

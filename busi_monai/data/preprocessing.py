@@ -21,6 +21,7 @@ from monai.transforms import (
 )
 
 from busi_monai.data.io import read_image, read_masks_union
+from busi_monai.data.region import crop_to_scan, scan_view
 
 IMAGE_RESIZE_MODE = "bilinear"
 LABEL_RESIZE_MODE = "nearest"
@@ -30,7 +31,9 @@ class LoadBusiImaged(MapTransform):
     """Load an image (and its label) with :func:`busi_monai.data.io.read_image` as (1, H, W).
 
     Handles BUSI's mixed PNG modes and single-slice NIfTI/NRRD the same way everywhere. A
-    label given as a list of files (BUSI's ``_mask``, ``_mask_1``, ...) is their union.
+    label given as a list of files (BUSI's ``_mask``, ``_mask_1``, ...) is their union. An
+    image with a scan region (ultrasound DICOM) and its label are cut to that region, as
+    :class:`~busi_monai.inference.predictor.Predictor` cuts it.
     """
 
     def __init__(self, keys: KeysCollection = ("image", "label"), allow_missing_keys: bool = True):
@@ -38,13 +41,14 @@ class LoadBusiImaged(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
-        shape = None
+        image = None
         for key in self.key_iterator(d):
             if key == "label":
-                arr = read_masks_union(d[key], shape).astype(np.float32)
+                full = read_masks_union(d[key], None if image is None else image.shape)
+                arr = (full if image is None else crop_to_scan(full, image)).astype(np.float32)
             else:
-                arr = read_image(d[key]).array
-                shape = arr.shape
+                image = read_image(d[key])
+                arr = scan_view(image).array  # an ultrasound DICOM: its scan region only
             d[f"{key}_shape"] = arr.shape
             d[key] = arr[None]
         return d

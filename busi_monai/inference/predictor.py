@@ -16,6 +16,7 @@ import torch
 
 from busi_monai.data.io import Image2D, read_image
 from busi_monai.data.preprocessing import preprocess_array, preprocess_mask, restore_size, square_box
+from busi_monai.data.region import scan_view, to_full_frame
 from busi_monai.device import resolve_device
 from busi_monai.inference.postprocessing import processed_mask
 from busi_monai.interactive.guidance import DEFAULT_SIGMA, click_maps, scale_clicks
@@ -83,7 +84,8 @@ class Predictor:
         return self.models[0]
 
     def preprocess(self, image: Image2D | np.ndarray) -> torch.Tensor:
-        arr = image.array if isinstance(image, Image2D) else np.asarray(image, np.float32)
+        # An ultrasound DICOM's network input is its scan region only (as in training).
+        arr = scan_view(image).array if isinstance(image, Image2D) else np.asarray(image, np.float32)
         return preprocess_array(arr, self.image_size, self.pad_square)
 
     @property
@@ -119,10 +121,13 @@ class Predictor:
         small = self.predict_small(loaded)
         out = []
         for im, p in zip(loaded, small):
-            shape = im.shape if isinstance(im, Image2D) else np.asarray(im).shape
+            shape = scan_view(im).shape if isinstance(im, Image2D) else np.asarray(im).shape
             prob = restore_size(p, shape, self.pad_square)[0].numpy().astype(np.float32)
             raw = (prob > self.threshold).astype(np.uint8)
-            out.append(Prediction(prob, raw, processed_mask(raw, **self.postprocess)))
+            maps = (prob, raw, processed_mask(raw, **self.postprocess))
+            if isinstance(im, Image2D):  # back into the full frame, nothing outside the scan
+                maps = tuple(to_full_frame(m, im) for m in maps)
+            out.append(Prediction(*maps))
         return out
 
     def network_clicks(self, clicks, shape: tuple[int, int]) -> list[tuple[float, float]]:
