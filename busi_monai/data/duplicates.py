@@ -127,8 +127,9 @@ def _coarse_template_scores(coarse: list[np.ndarray], tsize: int, progress: bool
     n = len(coarse)
     from scipy.fft import next_fast_len
 
-    H = next_fast_len(max(c.shape[0] for c in coarse), real=True)
-    W = next_fast_len(max(c.shape[1] for c in coarse), real=True)
+    # At least one template wide: images too small to hold one are only searched in (none here).
+    H = next_fast_len(max(tsize, *(c.shape[0] for c in coarse)), real=True)
+    W = next_fast_len(max(tsize, *(c.shape[1] for c in coarse)), real=True)
     canvas = torch.zeros((n, H, W), dtype=torch.float32)
     valid = torch.zeros((n, H, W), dtype=torch.bool)
     for j, c in enumerate(coarse):
