@@ -17,9 +17,20 @@ def _print_json(obj) -> None:
 
 
 def cmd_prepare(a):
-    from busi_monai.data.prepare import prepare
+    from busi_monai.data.prepare import prepare, prepare_source
 
-    summary = prepare(a.busi_root, a.out, test_fraction=a.test_fraction, seed=a.seed)
+    if a.labels is not None and a.images is None:
+        raise ValueError("--labels goes with --images")
+    if a.busi_root is not None:
+        if a.frame is not None or a.label_value is not None:
+            raise ValueError("--frame and --label-value are for your own data, not a BUSI folder")
+        summary = prepare(a.busi_root, a.out, test_fraction=a.test_fraction, seed=a.seed, progress=sys.stderr.isatty())
+    else:
+        kind, path = next((k, v) for k, v in (("images", a.images), ("datalist", a.datalist), ("studies", a.studies)) if v is not None)
+        summary = prepare_source(
+            kind, path, a.out, labels=a.labels, frame=a.frame, label_value=a.label_value,
+            test_fraction=a.test_fraction, seed=a.seed, progress=sys.stderr.isatty(),
+        )  # fmt: skip
     _print_json({k: v for k, v in summary.items() if k != "problems"})
     for p in summary.get("problems", []):
         print(f"warning: {p}", file=sys.stderr)
@@ -148,11 +159,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     presets = list(PRESETS)
 
-    s = sub.add_parser("prepare", help="BUSI folder -> NIfTI dataset, duplicate groups and a leak-free split")
-    s.add_argument("--busi-root", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--test-fraction", type=float, default=0.2)
-    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser(
+        "prepare",
+        help="BUSI folder or your own data -> NIfTI dataset, duplicate groups and a leak-free split",
+        description="Convert one source of images and masks into a dataset folder (dataset.json, images/, labels/) "
+        "for train, cv, evaluate and export-bundle. Near-duplicate images are grouped and kept on one side of the split.",
+    )
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--busi-root", metavar="DIR", help="a folder in the BUSI release's layout (benign/, malignant/, normal/)")
+    src.add_argument(
+        "--images", metavar="DIR",
+        help="a folder of images (PNG, JPEG, BMP, TIFF, NIfTI, NRRD, DICOM; sub-folders too); "
+        "images without a label are kept as unlabelled",
+    )  # fmt: skip
+    src.add_argument(
+        "--datalist", metavar="FILE.json",
+        help="a MONAI Decathlon-style datalist ('training': [{'image', 'label'}], optional 'test' kept as the test split, "
+        "optional 'class' per item); paths relative to the JSON's folder",
+    )  # fmt: skip
+    src.add_argument("--studies", metavar="DIR", help="a MONAI Label studies folder; labels from labels/final")
+    s.add_argument(
+        "--labels", metavar="DIR",
+        help="with --images: the folder of labels, each named after its image's stem, optionally + _mask, _label or _seg "
+        "(default: labels with those suffixes beside the images)",
+    )  # fmt: skip
+    s.add_argument("--out", required=True, metavar="DIR", help="the dataset folder to write; its files are replaced only once every image has been read")
+    s.add_argument("--test-fraction", type=float, default=0.2, help="share of the images in the test split (default 0.2; unused when a datalist gives its own test list)")
+    s.add_argument("--seed", type=int, default=0, help="seeds the split (default 0)")
+    s.add_argument("--frame", type=int, metavar="N", help="the frame (0-based) to take from multi-frame DICOM files (cine loops); without it they are refused")
+    s.add_argument("--label-value", type=float, metavar="V", help="the lesion's value in multi-label masks (default: any non-zero value is lesion)")
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("synth", help="synthetic B-mode-like images in the BUSI layout")
@@ -194,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("evaluate", help="metrics of a model on a prepared test split or a raw BUSI folder")
     s.add_argument("--model", required=True, nargs="+")
-    s.add_argument("--data", required=True)
+    s.add_argument("--data", required=True, help="a prepared dataset, a pack, a BUSI folder, or your own labelled data as it is: an image folder, a datalist (.json) or a studies folder")
     s.add_argument("--out", default="metrics.json")
     s.add_argument("--split", default="test")
     s.add_argument("--device", default="auto")

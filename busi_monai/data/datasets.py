@@ -5,7 +5,9 @@ this a pack, a prepared dataset or a BUSI folder?" (:func:`source_kind`).
   test splits;
 * a pack: one ``.npz`` of images preprocessed to one size (``busi-monai pack``), to carry to a
   GPU machine, with the test split's full-size originals if asked for;
-* a BUSI-layout folder (``benign/``, ``malignant/``, ``normal/``): every image, no split.
+* a BUSI-layout folder (``benign/``, ``malignant/``, ``normal/``): every image, no split;
+* your own data as it is (:mod:`busi_monai.data.sources`): a folder of images and masks, a
+  Decathlon-style datalist (``.json``) or a MONAI Label studies folder: its labelled images.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ class DatasetError(ValueError):
 
 
 def source_kind(data: str | Path) -> str:
-    """``"pack"``, ``"prepared"`` or ``"busi"``; a clear error for anything else."""
+    """``"pack"``, ``"prepared"``, ``"busi"`` or one of your own data's sources (``"images"``,
+    ``"datalist"``, ``"studies"``); a clear error for anything else."""
+    from busi_monai.data.sources import detect_source
+
     data = Path(data)
     if data.suffix == ".npz":
         if not data.is_file():
@@ -32,7 +37,13 @@ def source_kind(data: str | Path) -> str:
         return "prepared"
     if data.is_dir() and any((data / c).is_dir() for c in ("benign", "malignant", "normal")):
         return "busi"
-    raise DatasetError(f"{data}: not a prepared dataset (no dataset.json), a pack (.npz) or a BUSI folder; run `busi-monai prepare` first")
+    kind = detect_source(data)
+    if kind is not None:
+        return kind
+    raise DatasetError(
+        f"{data}: not a prepared dataset (no dataset.json), a pack (.npz), a BUSI folder, an image folder, "
+        "a datalist (.json) or a studies folder; run `busi-monai prepare` first"
+    )
 
 
 def load_datalist(data_dir: str | Path) -> dict[str, list[dict]]:
@@ -57,8 +68,9 @@ def load_datalist(data_dir: str | Path) -> dict[str, list[dict]]:
 
 
 def split_items(data: str | Path, split: str | None = "test") -> list[dict]:
-    """Image/label items of a prepared dataset's ``split`` (None: both splits) or of every image
-    of a BUSI folder (its ``label`` is the list of the image's mask files: their union)."""
+    """Image/label items of a prepared dataset's ``split`` (None: both splits), of every image
+    of a BUSI folder (its ``label`` is the list of the image's mask files: their union) or of
+    your own data as it is (:func:`source_items`)."""
     kind = source_kind(data)
     if kind == "prepared":
         lists = load_datalist(data)
@@ -68,7 +80,23 @@ def split_items(data: str | Path, split: str | None = "test") -> list[dict]:
 
         cases, _ = scan_busi(data)
         return [{"image": str(c.image), "label": [str(m) for m in c.masks], "class": c.cls, "id": c.id} for c in cases]
+    if kind != "pack":
+        return source_items(kind, data, split)
     raise DatasetError(f"{data}: a pack holds preprocessed arrays, not files; use load_split")
+
+
+def source_items(kind: str, data: str | Path, split: str | None = "test") -> list[dict]:
+    """The labelled images of your own data as it is (nothing to score an unlabelled one
+    against): a datalist's ``test`` list for ``split="test"`` where it has one, else every one."""
+    from busi_monai.data.sources import scan_source
+
+    cases, _ = scan_source(kind, data)
+    cases = [c for c in cases if c.labels]
+    if split == "test" and any(c.split == "test" for c in cases):
+        cases = [c for c in cases if c.split == "test"]
+    if not cases:
+        raise DatasetError(f"{data}: no labelled images to evaluate on")
+    return [{"image": str(c.image), "label": [str(p) for p in c.labels], "id": c.id, "source": c.source, **({"class": c.cls} if c.cls else {})} for c in cases]
 
 
 def load_split(data: str | Path, split: str, image_size: int, progress: bool = True, pad_square: bool = False) -> CachedData:
@@ -82,7 +110,11 @@ def load_split(data: str | Path, split: str, image_size: int, progress: bool = T
         progress: show a progress bar while decoding.
         pad_square: aspect ratio kept by padding to the square, not stretched.
     """
-    if source_kind(data) == "pack":
+    kind = source_kind(data)
+    if kind not in ("pack", "prepared", "busi"):
+        # Training needs the near-duplicate groups and the split that only prepare makes.
+        raise DatasetError(f"{data}: your own data must be prepared first: busi-monai prepare --{kind} {data} --out DATASET")
+    if kind == "pack":
         pack = load_pack(data)
         if pack.images.shape[-1] != image_size:
             raise DatasetError(f"{data}: pack is {pack.images.shape[-1]}px, recipe wants {image_size}px")

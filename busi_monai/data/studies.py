@@ -16,11 +16,12 @@ from busi_monai.data.io import (
 )
 from busi_monai.data.prepare import stored_image
 
-# MONAI Label's default list lacks .jpeg and .seg.nrrd. Order matters: LocalDatastore takes the
+# MONAI Label's default list lacks .jpeg, .seg.nrrd and .dcm. Order matters: LocalDatastore takes the
 # last pattern a file name ends with as its extension, so ".seg.nrrd" must follow ".nrrd".
 DATASTORE_EXTENSIONS = [
     "*.nii.gz", "*.nii", "*.nrrd", "*.seg.nrrd",
     "*.png", "*.PNG", "*.jpg", "*.JPG", "*.jpeg", "*.JPEG", "*.bmp", "*.tif", "*.tiff",
+    "*.dcm",  # ultrasound DICOM dropped in from the scanner (read with its scan region)
 ]  # fmt: skip
 
 def make_studies(src: str | Path, out: str | Path, with_labels: bool = False) -> dict:
