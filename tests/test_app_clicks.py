@@ -335,6 +335,10 @@ def test_the_next_click_corrects_the_last_outline_of_the_same_client_and_image(s
     # A click deleted or moved: afresh; the same clicks again: afresh.
     assert ask(me, IMAGE_ID, [a, c])[1] == "automatic"
     assert ask(me, IMAGE_ID, [a, c])[1] == "automatic"
+    # Run's answer is remembered too: the first click after it corrects it without redoing it.
+    runner = _client(served, "runner")
+    runner.infer("attention_unet", IMAGE_ID, {"result_extension": ".nrrd"})
+    assert ask(runner, IMAGE_ID, [a])[1] == "reused"
 
 
 def test_a_model_that_takes_no_clicks_answers_409_from_the_click_model(served):

@@ -166,7 +166,7 @@ class AttentionUNet(TaskConfig):
 
     def infer(self):
         infers = {
-            self.name: AttentionUNetInfer(self.served, self.settings, self.labels),
+            self.name: AttentionUNetInfer(self.served, self.settings, self.labels, self.outlines),
             f"{self.name}_gradcam": GradCamInfer(self.served, self.settings),
         }
         if self.settings.takes_clicks:

@@ -57,10 +57,23 @@ def public_image_name(path: str) -> str | None:
     return None
 
 
+def _file_stamp(path: str) -> tuple[int, int] | None:
+    """The image file's identity for the outline memory: a file replaced under the same name starts afresh."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
 class AttentionUNetInfer(InferTask):
-    def __init__(self, served, settings, labels: dict):
+    """``outlines``: where the answer is remembered as this client's outline of the image, so
+    that the click model's first click after Run corrects it without computing it again."""
+
+    def __init__(self, served, settings, labels: dict, outlines=None):
         self.served = served
         self.settings = settings
+        self.outlines = outlines
         super().__init__(
             type=InferType.SEGMENTATION,
             labels=labels,
@@ -117,7 +130,30 @@ class AttentionUNetInfer(InferTask):
 
     def predict(self, predictor, img, request, version) -> tuple:
         """The prediction, and what the response's params add about it."""
-        return predictor.predict([img])[0], {}
+        pred = predictor.predict([img])[0]
+        if predictor.takes_previous:
+            self._remember(request, [], [], None, version, pred.mask)
+        return pred, {}
+
+    def _cache_key(self, request) -> tuple[str, str] | None:
+        """(client, image) of a request; None for an upload (a temporary file, gone after it)
+        or without an outline memory."""
+        image = request["image"]
+        if self.outlines is None or public_image_name(image) == "the uploaded image":
+            return None
+        # Slicer sends its client id ("user-xyz" unless set); a client without one is "".
+        return str(request.get("client_id") or ""), os.path.realpath(image)
+
+    def _previous(self, request, fg, bg, box, version):
+        key = self._cache_key(request)
+        if key is None:
+            return None
+        return self.outlines.previous(*key, fg, bg, box, version.version, stamp=_file_stamp(key[1]))
+
+    def _remember(self, request, fg, bg, box, version, mask) -> None:
+        key = self._cache_key(request)
+        if key is not None:
+            self.outlines.remember(*key, fg, bg, box, version.version, mask, stamp=_file_stamp(key[1]))
 
     def __call__(self, request):
         from busi_monai.data.io import write_mask
@@ -215,14 +251,6 @@ def request_box(request: dict, shape: tuple[int, int]) -> tuple[int, int, int, i
         raise http_error(422, f"roi {[float(v) for v in roi]}: {e} (i is the column, j the row)"[:300]) from None
 
 
-def _file_stamp(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size
-
-
 class ClickInfer(AttentionUNetInfer):
     """Click-guided segmentation (a DeepGrow-type model for Slicer): the served network redraws the
     outline around the clicks and inside Slicer's ROI box. Slicer's MONAI Label module sends
@@ -230,16 +258,15 @@ class ClickInfer(AttentionUNetInfer):
     the label, ``lesion``) and ``roi``; with no clicks and no box it is the automatic model.
 
     A network with the previous-outline channel corrects an outline: the last one this client
-    got for this image when the clicks extend the ones that made it (``outlines``), else the
-    automatic outline, which is what Run shows. Params say which: ``previous`` is "reused",
+    got for this image (from Run or from this model) when the clicks extend the ones that made
+    it (``outlines``), else the automatic outline, which is what Run shows. Params say which: ``previous`` is "reused",
     "automatic" or "none"."""
 
     def __init__(self, served, settings, labels: dict, outlines=None):
         from busi_monai.inference.outlines import OutlineCache
 
-        super().__init__(served, settings, labels)
+        super().__init__(served, settings, labels, outlines if outlines is not None else OutlineCache(settings.outline_cache))
         self.type = InferType.DEEPGROW
-        self.outlines = outlines if outlines is not None else OutlineCache(settings.outline_cache)
         self.description = (
             "Click-guided lesion segmentation: click inside what was missed, outside what is wrong, "
             "or draw an ROI box around the lesion; each click corrects the last outline "
@@ -268,25 +295,6 @@ class ClickInfer(AttentionUNetInfer):
         if predictor.takes_previous:
             self._remember(request, fg, bg, box, version, pred.mask)
         return pred, extra
-
-    def _cache_key(self, request) -> tuple[str, str] | None:
-        """(client, image) of a request; None for an upload (a temporary file, gone after it)."""
-        image = request["image"]
-        if public_image_name(image) == "the uploaded image":
-            return None
-        # Slicer sends its client id ("user-xyz" unless set); a client without one is "".
-        return str(request.get("client_id") or ""), os.path.realpath(image)
-
-    def _previous(self, request, fg, bg, box, version):
-        key = self._cache_key(request)
-        if key is None:
-            return None
-        return self.outlines.previous(*key, fg, bg, box, version.version, stamp=_file_stamp(key[1]))
-
-    def _remember(self, request, fg, bg, box, version, mask) -> None:
-        key = self._cache_key(request)
-        if key is not None:
-            self.outlines.remember(*key, fg, bg, box, version.version, mask, stamp=_file_stamp(key[1]))
 
 
 GRADCAM_LEVELS = 10
