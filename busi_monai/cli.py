@@ -65,15 +65,25 @@ def cmd_pack(a):
 
 
 def cmd_train(a):
+    from busi_monai.training import distributed
     from busi_monai.training.loop import train_dataset
 
-    summary = train_dataset(
-        a.data, a.out, preset=a.preset, epochs=a.epochs, batch_size=a.batch_size, image_size=a.image_size,
-        learning_rate=a.learning_rate, device=a.device, resume=a.resume, seed=a.seed, compile_model=a.compile,
-        overrides=dict(Recipe.parse_override(t) for t in a.set),
-        amp=PRECISIONS[a.precision], cuda_graphs=a.cuda_graphs,
-    )
-    _print_json(summary)
+    if a.nproc_per_node > 1 and not distributed.launched():
+        from busi_monai.training.launch import run_command, without_option
+
+        # This same command in each worker; under an outer torchrun it is one already.
+        run_command(["-m", "busi_monai.cli", *without_option(a.argv, "--nproc-per-node")], a.nproc_per_node)
+        return
+    with distributed.process_group(a.device, a.collective_timeout or distributed.DEFAULT_TIMEOUT_S) as device:
+        main_rank = distributed.current().is_main
+        summary = train_dataset(
+            a.data, a.out, preset=a.preset, epochs=a.epochs, batch_size=a.batch_size, image_size=a.image_size,
+            learning_rate=a.learning_rate, device=device, resume=a.resume, seed=a.seed, compile_model=a.compile,
+            overrides=dict(Recipe.parse_override(t) for t in a.set), progress=main_rank,
+            amp=PRECISIONS[a.precision], cuda_graphs=a.cuda_graphs,
+        )  # fmt: skip
+    if main_rank:
+        _print_json(summary)
 
 
 def cmd_evaluate(a):
@@ -225,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=list(PRECISIONS), default="auto", help=PRECISION_HELP)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a recipe field (ablations), e.g. --set augment=none")
+    s.add_argument(
+        "--nproc-per-node", type=int, default=1, metavar="N",
+        help="train in N workers on this machine (one per GPU; gloo processes on a CPU) through torchrun's launcher; "
+        "--batch-size stays the global batch, split over the workers (docs/multi-gpu.md)",
+    )  # fmt: skip
+    s.add_argument("--collective-timeout", type=float, metavar="S", help="seconds a worker waits for the others before the run fails (default 900)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("evaluate", help="metrics of a model on a prepared test split or a raw BUSI folder")
@@ -275,6 +291,7 @@ def _register_optional(sub) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what workers of a launched run are given
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from busi_monai.data.io import BusiInputError
     from busi_monai.model.checkpoint import CheckpointError

@@ -142,10 +142,18 @@ NETWORK_OPTIONS = {
     # the previous outline as a fourth input channel (after the click maps), so that a click
     # corrects the outline locally instead of redrawing it (RITM, nnInteractive)
     "prev": lambda cfg, on: _with_previous(cfg, on),
+    # "-dropout": no dropout, a network whose training steps are deterministic (runs over
+    # several workers are compared step by step with one process on it: their draws differ)
+    "dropout": lambda cfg, on: cfg if on else _without_dropout(cfg),
 }
 
 # The guidance options of the click model the app serves and `interactive` trains.
 CLICK_OPTIONS = "+clicks+prev"
+
+
+def _without_dropout(cfg: NetworkConfig) -> NetworkConfig:
+    zeros = lambda rates: (0.0,) * len(rates)  # noqa: E731
+    return replace(cfg, encoder_dropout=zeros(cfg.encoder_dropout), bridge_dropout=0.0, decoder_dropout=zeros(cfg.decoder_dropout))
 
 
 def _with_previous(cfg: NetworkConfig, on: bool) -> NetworkConfig:

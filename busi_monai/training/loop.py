@@ -35,6 +35,7 @@ from busi_monai.model.checkpoint import (
 from busi_monai.interactive.zoom import training_crops
 from busi_monai.model.networks import build_network, network_config, takes_previous
 from busi_monai.training.augmentation import augmentation
+from busi_monai.training import distributed
 from busi_monai.training.gate import choose_run_gate
 from busi_monai.training.graphs import GraphedStep
 from busi_monai.training.losses import make_loss
@@ -70,7 +71,9 @@ class RunSettings:
         resume: continue ``out/last.pt`` where it stopped.
         init_checkpoint: start from earlier weights (as MONAI Label retraining does).
         progress: show a progress bar.
-        on_epoch: called with each epoch's record (the app's trainer reports through it).
+        on_epoch: called with each epoch's record (the app's trainer reports through it); rank 0 only.
+        on_step: called on every rank with (step, the global batch's loss) after each step; a
+            host sync (and, over several workers, an all-reduce) per step, so for tests and benchmarks.
         compile_model: torch.compile the training step.
         cuda_graphs: replay each full batch's whole step (forward, loss, backward, Adam step) as
             one CUDA graph (:class:`~busi_monai.training.graphs.GraphedStep`): no compilation;
@@ -86,6 +89,7 @@ class RunSettings:
     progress: bool = True
     on_epoch: Callable[[dict], None] | None = None
     compile_model: bool = False
+    on_step: Callable[[int, float], None] | None = None
     cuda_graphs: bool = False
     checkpoint_overhead: float = CHECKPOINT_OVERHEAD
     amp: bool | None = None
@@ -126,6 +130,16 @@ class Trainer:
         _seed_everything(settings.seed)
         self.model = build_network(replace(network_config(recipe.network), confidence_gate=recipe.confidence_gate)).to(dev)
         self.amp = mixed_precision(dev) if settings.amp is None else settings.amp
+        # Several workers: equal weights (seeded alike above), the global batch's batch-norm
+        # statistics, and each rank's own dropout and augmentation draws from here on.
+        self.ranks, self.ddp = distributed.current(), None
+        if self.ranks.active:
+            distributed.synced_batch_norm(self.model)
+            torch.manual_seed(self.ranks.seed(settings.seed))
+            if settings.cuda_graphs:
+                raise TrainingError("cuda_graphs records one process's step; train several workers without it")
+            if recipe.batch_size < self.ranks.world_size:
+                raise TrainingError(f"batch size {recipe.batch_size} is the global batch: it needs an image for each of the {self.ranks.world_size} workers")
         self.channels_last = dev.type == "cuda" or self.amp
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -139,6 +153,7 @@ class Trainer:
             raise TrainingError(str(e)) from None
         self.sampler = make_sampler(recipe, train.labels)
         self.scheduler = make_scheduler(recipe, self.optimizer, recipe.epochs)
+        self.has_lesion = train.labels.flatten(1).amax(1).cpu() > 0  # spread evenly over the ranks' shares
         self.loss_fn = make_loss(recipe, self.model.config.deep_supervision)
         self.augment = augmentation(recipe.augment)
         self.train_items, self.val_items = train.items, val.items
@@ -147,20 +162,22 @@ class Trainer:
         self.zoom_source = None
         if self.model.config.in_channels > 1 and recipe.zoom_fraction > 0:
             self.zoom_source = zoom_source(train, 2 * recipe.image_size, settings.progress).to(dev)
-        self.zoom_generator = torch.Generator().manual_seed(settings.seed + 104729)
+        self.zoom_generator = torch.Generator().manual_seed(self.ranks.seed(settings.seed) + 104729)
         self.history: list[dict] = []
         self.start_epoch, self.best, self.best_dice = 0, -math.inf, None
         self.best_state = None  # the best weights since the last write, kept in memory until the next one
         self.last_path, self.best_path = self.out / "last.pt", self.out / "model.pt"
         self.pacer = CheckpointPacer(settings.checkpoint_overhead)
         # Clicks are drawn on the CPU, so a seed gives the same clicks on any device.
-        self.click_generator = torch.Generator().manual_seed(settings.seed + 7919)
+        self.click_generator = torch.Generator().manual_seed(self.ranks.seed(settings.seed) + 7919)
 
     def restore(self) -> None:
         """``resume``: the optimiser, schedule and history of ``last.pt``; else ``init_checkpoint``'s weights."""
         s = self.settings
-        if s.resume and self.last_path.is_file():
-            ck = load_checkpoint(self.last_path)
+        # Rank 0 reads last.pt and hands it to every rank, so the others need no shared disk.
+        last = self.ranks.from_main(lambda: load_checkpoint(self.last_path) if s.resume and self.last_path.is_file() else None)
+        if last is not None:
+            ck = last
             self.model.load_state_dict(ck["state_dict"])
             self.optimizer.load_state_dict(ck["optimizer"])
             self.scheduler.load_state_dict(ck["scheduler"])
@@ -183,7 +200,9 @@ class Trainer:
         perm = torch.randperm(n, generator=generator)
         total = torch.zeros((), device=self.dev)  # summed on the device: no host sync per step
         for s in range(math.ceil(n / r.batch_size)):
-            idx = self.sampler.batch(perm, s, r.batch_size).to(self.dev)
+            batch = self.sampler.batch(perm, s, r.batch_size)
+            idx, count = self.ranks.share(batch, self.has_lesion)  # the whole batch in one process
+            idx = idx.to(self.dev)
             x, y = data.images[idx], data.labels[idx]
             if self.zoom_source is not None:
                 x, y = self.zoomed(idx, x, y)
@@ -193,25 +212,31 @@ class Trainer:
                 x = self.with_clicks(x, y)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            loss = (step if x.shape[0] == r.batch_size else self.eager_step)(x, y)
-            total += loss.detach() * x.shape[0]
+            if self.ddp is not None:  # weighted so that DDP's mean gradient is the global batch's
+                loss = step(x, y, scale=count * self.ranks.world_size / len(batch))
+            else:
+                loss = (step if x.shape[0] == r.batch_size else self.eager_step)(x, y)
+            total += loss.detach() * count
+            if self.settings.on_step:
+                self.settings.on_step(epoch * math.ceil(n / r.batch_size) + s, float(self.ranks.sum(loss.detach() * count)) / len(batch))
         self.scheduler.step()
-        return float(total) / n
+        return float(self.ranks.sum(total)) / n
 
-    def learn(self, x: torch.Tensor, y: torch.Tensor, forward=None, autocast_cache: bool = True) -> torch.Tensor:
-        """Forward (``forward``, default the model's), loss, backward and optimiser step on one
-        batch whose gradients are already zero or None; returns the loss."""
+    def learn(self, x: torch.Tensor, y: torch.Tensor, forward=None, autocast_cache: bool = True, scale: float = 1.0) -> torch.Tensor:
+        """Forward (``forward``, default the model's), loss, backward (of the loss times
+        ``scale``) and optimiser step on one batch whose gradients are already zero or None;
+        returns the loss."""
         with torch.autocast(device_type=self.dev.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=autocast_cache):
             seg, aux = (forward or self.model.forward_parts)(x)
             loss = self.loss_fn([p.float() for p in (seg, *aux)], y) if aux else self.loss_fn(seg.float(), y)
-        loss.backward()
+        (loss * scale if scale != 1.0 else loss).backward()
         self.optimizer.step()
         return loss
 
-    def eager_step(self, x: torch.Tensor, y: torch.Tensor, forward=None) -> torch.Tensor:
+    def eager_step(self, x: torch.Tensor, y: torch.Tensor, forward=None, scale: float = 1.0) -> torch.Tensor:
         # Beside a CUDA graph the gradients are zeroed in place: the graph holds their memory.
         self.optimizer.zero_grad(set_to_none=not self.settings.cuda_graphs)
-        return self.learn(x, y, forward)
+        return self.learn(x, y, forward, scale=scale)
 
     @torch.no_grad()
     def zoomed(self, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,7 +280,7 @@ class Trainer:
 
     def validate(self) -> dict:
         """The validation slice's scores (none without one)."""
-        if not len(self.val_d):
+        if not len(self.val_d) or not self.ranks.is_main:  # rank 0 alone validates
             return {}
         return quick_scores(predict_cached(self.model, self.val_d.images, amp=self.amp), self.val_d.labels, self.recipe.threshold)
 
@@ -286,18 +311,22 @@ class Trainer:
     def run(self) -> dict:
         r, s = self.recipe, self.settings
         self.restore()
-        write_json(split_record(self.train_items, self.val_items), self.out / "split.json")
+        if self.ranks.is_main:  # rank 0 alone writes
+            write_json(split_record(self.train_items, self.val_items), self.out / "split.json")
         # Full batches through the compiled or graphed step (CUDA graphs need fixed shapes); the
         # last, smaller one eagerly rather than recording a second graph for it.
-        if s.compile_model:
+        if self.ranks.active:  # DistributedDataParallel, after restore(): every rank starts from the same weights
+            self.ddp = distributed.data_parallel(self.model, self.dev)
+            step = partial(self.eager_step, forward=compile_network(self.ddp, self.dev) if s.compile_model else self.ddp)
+        elif s.compile_model:
             step = partial(self.eager_step, forward=compile_network(self.model.forward_parts, self.dev))
         elif s.cuda_graphs:
             step = GraphedStep(partial(self.learn, autocast_cache=False), self.optimizer)
         else:
             step = self.eager_step
-        writer = _tensorboard(self.out / "tensorboard")
+        writer = _tensorboard(self.out / "tensorboard") if self.ranks.is_main else None
         g = torch.Generator().manual_seed(s.seed + self.start_epoch)
-        bar = tqdm(range(self.start_epoch, r.epochs), desc="train", unit="epoch", disable=not s.progress, initial=self.start_epoch, total=r.epochs)
+        bar = tqdm(range(self.start_epoch, r.epochs), desc="train", unit="epoch", disable=not (s.progress and self.ranks.is_main), initial=self.start_epoch, total=r.epochs)
         t0 = time.time()
         for epoch in bar:
             loss = self.train_epoch(epoch, g, step)
@@ -308,14 +337,16 @@ class Trainer:
                 if k != "epoch" and isinstance(v, float) and math.isfinite(v) and writer:
                     writer.add_scalar(k, v, epoch + 1)
             self.keep_if_best(epoch, rec)
-            if self.pacer.due(epoch + 1 == r.epochs):
+            if self.ranks.is_main and self.pacer.due(epoch + 1 == r.epochs):
                 self.save(epoch)
             bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k in ("loss", "val_dice") and v is not None})
-            if s.on_epoch:
+            if s.on_epoch and self.ranks.is_main:
                 s.on_epoch(rec)
         if writer:
             writer.close()
         # The served model's own gate, chosen on this run's validation slice (never the test split).
+        if not self.ranks.is_main:
+            return {"rank": self.ranks.rank, "world_size": self.ranks.world_size}
         gate = choose_run_gate(self.out, self.val_d, r, self.amp) if self.best_path.is_file() else {}
         validated = len(self.val_d) > 0
         summary = {
@@ -324,6 +355,7 @@ class Trainer:
             "device": str(self.dev),
             "amp_bf16": self.amp,
             "epochs": r.epochs,
+            "world_size": self.ranks.world_size,
             "n_train": len(self.train_d),
             "n_val": len(self.val_d),
             "best_val_score": self.best if validated else None,
