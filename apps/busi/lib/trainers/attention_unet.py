@@ -14,6 +14,7 @@ at a time per model folder: a lock file refuses a second one, whichever way it w
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import os
 import time
@@ -53,11 +54,13 @@ def _num(req: dict, key: str, cast, default, minimum=None, maximum=None):
 
 class AttentionUNetTrain(TrainTask):
     def __init__(self, served, settings):
+        from busi_monai.training.launch import choose_gpus
+
         self.served = served
         self.settings = settings
         super().__init__(
             f"Train the paper's Attention U-Net (preset {settings.preset}: BCE, Adam with decay) on the "
-            f"labelled images; on {settings.device_description()}"
+            f"labelled images; on {settings.device_description()}; by default {choose_gpus(settings.device)[1]}"
         )
 
     def config(self):
@@ -77,6 +80,9 @@ class AttentionUNetTrain(TrainTask):
             "val_split": r.val_fraction,
             "image_size": r.image_size,
             "device": devices,
+            # As MONAI Label's own trainers: DistributedDataParallel over the server's GPUs.
+            "multi_gpu": self.settings.device != "cpu" and torch.cuda.device_count() > 1,
+            "gpus": "all",
             "pretrained": True,
             "resume": True,
             "seed": 0,
@@ -198,6 +204,7 @@ class AttentionUNetTrain(TrainTask):
         from busi_monai.data.packs import cache_items
         from busi_monai.data.splits import split_validation
         from busi_monai.serve import MODEL_FILENAME, publish_model
+        from busi_monai.training.launch import choose_gpus, fit_on_workers
         from busi_monai.training.loop import fit
         from busi_monai.training.runs import fingerprint, prune_runs
 
@@ -209,6 +216,8 @@ class AttentionUNetTrain(TrainTask):
         if device not in ("auto", "cpu") and not device.startswith("cuda"):
             device = "auto"  # e.g. a GPU's name, as MONAI Label's own trainers list them
         pretrained = _yes(req.get("pretrained", True))
+        gpus, mode = choose_gpus(device, _yes(req.get("multi_gpu")), req.get("gpus") or "all")
+        logger.info("attention_unet: %s", mode)
         items, problems = self._items(datastore)
         fp = fingerprint(self.settings.preset, recipe, seed, device, pretrained, items)
         run_dir, resumed_from = self._run_dir(fp, _yes(req.get("resume", True)))
@@ -240,7 +249,7 @@ class AttentionUNetTrain(TrainTask):
 
         train = cache_items(train_items, recipe.image_size, progress=False, pad_square=recipe.pad_square)
         val = cache_items(val_items, recipe.image_size, progress=False, pad_square=recipe.pad_square)
-        summary = fit(
+        summary = (functools.partial(fit_on_workers, gpus=gpus) if gpus else fit)(
             train, val, run_dir, preset=self.settings.preset, recipe=recipe, device=device,
             init_checkpoint=init, progress=False, seed=seed, on_epoch=on_epoch, resume=bool(resumed_from),
         )
@@ -266,6 +275,8 @@ class AttentionUNetTrain(TrainTask):
             n_val=summary.get("n_val"),
             skipped=problems,
             device=summary.get("device"),
+            training_mode=mode,
+            world_size=summary.get("world_size", 1),
             preset=self.settings.preset,
             recipe=summary.get("recipe"),
             confidence_gate=summary.get("confidence_gate"),
