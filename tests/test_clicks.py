@@ -242,3 +242,24 @@ def test_infer_clicks_on_the_command_line(tmp_path, capsys):
     for bad, why in ((["--foreground", "80,20"], "outside the 80x60 image"), (["--foreground", "4;5"], "expected X,Y")):
         rc = main(["infer", "--model", str(model), "--out", str(tmp_path / "bad"), "--device", "cpu", *bad, str(image)])
         assert rc == 2 and why in capsys.readouterr().err
+
+
+def test_a_model_from_before_the_click_channels_starts_a_click_network_that_answers_as_it_did(tmp_path):
+    from busi_monai.data.packs import CachedData
+    from busi_monai.model.checkpoint import atomic_torch_save, model_from_checkpoint
+    from busi_monai.training.loop import RunSettings, Trainer
+
+    torch.manual_seed(0)
+    old = _click_checkpoint(preset="fast")  # one input channel
+    atomic_torch_save(old, tmp_path / "old.pt")
+    data = CachedData(torch.rand(4, 1, SIZE, SIZE), torch.zeros(4, 1, SIZE, SIZE), [{"id": str(i)} for i in range(4)])
+    recipe = get_recipe("interactive").with_overrides(image_size=SIZE)
+    t = Trainer(data, data.subset([]), tmp_path / "run", "interactive", recipe, RunSettings(device="cpu", progress=False, amp=False, init_checkpoint=tmp_path / "old.pt"))
+    t.restore()
+    x = torch.rand(2, 1, SIZE, SIZE)
+    before = model_from_checkpoint(old).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(t.model.eval().forward_parts(x)[0], before.forward_parts(x)[0])
+        clicked = t.model.forward_parts(torch.cat([x, torch.ones(2, 3, SIZE, SIZE)], 1))[0]
+    assert t.model.config.in_channels == 4
+    torch.testing.assert_close(clicked, before.forward_parts(x)[0])  # the new channels start at zero weight

@@ -64,3 +64,18 @@ def model_from_checkpoint(ckpt: dict, device="cpu", **network_overrides) -> Pape
     net = build_network(config)
     net.load_state_dict(ckpt["state_dict"])
     return net.to(device).eval()
+
+
+def with_new_inputs(old: dict, new: dict) -> dict:
+    """``old`` weights for a network that reads more input channels (``new``'s shapes): where a
+    tensor differs only in having fewer input channels (dim 1), the added channels get zero
+    weights. A model trained before the click channels existed then starts a click network
+    that, without clicks, answers exactly as it did. Anything else is left as it is (loading
+    then fails as for another architecture)."""
+    out = dict(old)
+    for k, v in old.items():
+        t = new.get(k)
+        if t is not None and v.dim() == t.dim() >= 2 and v.shape[1] < t.shape[1] and v.shape[:1] + v.shape[2:] == t.shape[:1] + t.shape[2:]:
+            pad = v.new_zeros((v.shape[0], t.shape[1] - v.shape[1], *v.shape[2:]))
+            out[k] = torch.cat([v, pad], dim=1)
+    return out

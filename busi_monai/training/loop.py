@@ -29,6 +29,7 @@ from busi_monai.interactive.simulation import simulate_training_clicks
 from busi_monai.jsonio import write_json
 from busi_monai.model.checkpoint import (
     atomic_torch_save,
+    with_new_inputs,
     load_checkpoint,
     make_checkpoint,
 )
@@ -187,7 +188,7 @@ class Trainer:
         elif s.init_checkpoint and Path(s.init_checkpoint).is_file():
             ck = load_checkpoint(s.init_checkpoint)
             try:
-                self.model.load_state_dict(ck["state_dict"])
+                self.model.load_state_dict(with_new_inputs(ck["state_dict"], self.model.state_dict()))
                 log.info("starting from the weights of %s", s.init_checkpoint)
             except RuntimeError:
                 log.warning("%s has another architecture; training from scratch", s.init_checkpoint)

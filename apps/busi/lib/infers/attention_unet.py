@@ -289,8 +289,14 @@ class ClickInfer(AttentionUNetInfer):
             previous = self._previous(request, fg, bg, box, version)
             extra["previous"] = "reused"
             if previous is None or previous.shape != img.shape:
-                previous = predictor.predict([img])[0].mask
-                extra["previous"] = "automatic"
+                # Afresh: a box starts from its own outline (a box alone from nothing), as the
+                # evaluation protocol does; clicks alone correct the automatic outline.
+                if box is not None:
+                    previous = predictor.predict_clicks(img, box=box).mask if (fg or bg) else None
+                    extra["previous"] = "box" if previous is not None else "none"
+                else:
+                    previous = predictor.predict([img])[0].mask
+                    extra["previous"] = "automatic"
             pred = predictor.predict_clicks(img, fg, bg, box=box, previous=previous)
         if predictor.takes_previous:
             self._remember(request, fg, bg, box, version, pred.mask)
