@@ -19,6 +19,16 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def visible_gpus(device: str = "auto") -> list[str]:
+    """The ids (as ``CUDA_VISIBLE_DEVICES`` names them) of the GPUs work on ``device`` may be
+    spread over: every visible one for ``auto`` or ``cuda``, none for the CPU or one named GPU."""
+    if device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return []
+    n = torch.cuda.device_count()
+    named = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return named[:n] if len(named) >= n else [str(i) for i in range(n)]
+
+
 # `--precision` choices: bf16 autocast on, off, or None to let :func:`mixed_precision` decide.
 PRECISIONS = {"auto": None, "bf16": True, "fp32": False}
 PRECISION_HELP = "bf16 autocast (auto: where the hardware does bf16 natively; BUSI_MONAI_AMP=0 makes auto fp32)"

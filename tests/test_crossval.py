@@ -84,3 +84,35 @@ def test_cv_side_by_side_chooses_a_gate_and_serves_the_ensemble(prepared_sample,
     mtime = (out / "fold0" / "history.json").stat().st_mtime
     assert main([*args, "--skip-training"]) == 0
     assert (out / "fold0" / "history.json").stat().st_mtime == mtime
+
+
+def test_cv_spreads_its_folds_over_the_visible_gpus(monkeypatch, tmp_path):
+    """With two GPUs visible, --jobs 1 trains two folds at once, one on each GPU (each fold's
+    process sees its GPU alone); --jobs 2 puts two on each; the CPU and a named GPU get none."""
+    import subprocess
+
+    import torch
+
+    from busi_monai.device import visible_gpus
+    from busi_monai.training import crossval
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert visible_gpus("auto") == visible_gpus("cuda") == ["3", "5"]
+    assert visible_gpus("cpu") == visible_gpus("cuda:1") == []
+    assert crossval.fold_slots(["3", "5"], 2) == ["3", "5", "3", "5"] and crossval.fold_slots([], 2) == [None, None]
+
+    started = []
+
+    class Fold:  # a fold process that has finished by the time it is polled
+        def __init__(self, cmd, env, **kw):
+            started.append((cmd[cmd.index("--only-folds") + 1], env.get("CUDA_VISIBLE_DEVICES")))
+            self.returncode = 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Fold)
+    crossval.cross_validate("unused", tmp_path, "fast", folds=2, device="auto", jobs=1, progress=False)
+    assert started == [("0", "3"), ("1", "5")]

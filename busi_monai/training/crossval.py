@@ -17,7 +17,7 @@ import numpy as np
 
 from busi_monai.data.datasets import load_split
 from busi_monai.data.splits import grouped_stratified_folds, split_cached
-from busi_monai.device import PRECISION_HELP, PRECISIONS, resolve_device
+from busi_monai.device import PRECISION_HELP, PRECISIONS, resolve_device, visible_gpus
 from busi_monai.jsonio import dumps, write_json
 from busi_monai.training.gate import GATES  # noqa: F401 (callers read the gates here)
 from busi_monai.training.gate import choose_gate as choose_ensemble_gate
@@ -46,9 +46,10 @@ def cross_validate(
 ) -> dict:
     """Train and score each fold, then summarise every ``fold*/fold.json`` found in ``out``.
 
-    ``jobs`` > 1 trains that many folds at once, each in its own process with its share of the
-    cores (on a 2-core CPU two one-thread processes beat one two-thread process). On a GPU keep
-    1: processes time-sharing one GPU each run that much slower. ``amp`` as for
+    ``jobs`` folds at once per GPU (on the CPU: in all), each in its own process with its share
+    of the cores (on a 2-core CPU two one-thread processes beat one two-thread process); with
+    several GPUs visible (``device`` auto or cuda) the folds are spread over them, so 5 folds
+    on 5 GPUs train side by side even at ``jobs`` 1. ``amp`` as for
     :func:`~busi_monai.training.loop.fit` (None: bf16 where the hardware does it natively).
     """
     explicit = {k: v for k, v in (("epochs", epochs), ("image_size", image_size)) if v is not None}
@@ -58,8 +59,8 @@ def cross_validate(
     wanted = [f for f in range(folds) if only_folds is None or f in only_folds]
     if skip_training:
         wanted = []
-    elif jobs > 1 and len(wanted) > 1:
-        _run_fold_processes(data, out, preset, folds, recipe, device, seed, wanted, compile_model, jobs, progress, amp)
+    elif len(slots := fold_slots(visible_gpus(device), jobs)) > 1 and len(wanted) > 1:
+        _run_fold_processes(data, out, preset, folds, recipe, device, seed, wanted, compile_model, slots, progress, amp)
     else:
         _train_folds(data, out, preset, folds, recipe, device, seed, wanted, compile_model, progress, amp)
     if only_folds is None and all((out / f"fold{f}" / "model.pt").is_file() for f in range(folds)):
@@ -99,8 +100,15 @@ def _train_folds(data, out: Path, preset, folds, recipe, device, seed, wanted, c
         write_json(rec, out / f"fold{f}" / "fold.json")
 
 
-def _run_fold_processes(data, out: Path, preset, folds, recipe, device, seed, wanted, compile_model, jobs, progress, amp=None) -> None:
-    """Each fold in its own ``busi-monai cv --only-folds F`` process, ``jobs`` at a time."""
+def fold_slots(gpus: list[str], jobs: int) -> list[str | None]:
+    """Where the folds trained at once run: ``jobs`` on each GPU of ``gpus`` (round the GPUs
+    first), or ``jobs`` on the CPU (None)."""
+    return [g for _ in range(max(1, jobs)) for g in gpus] if gpus else [None] * max(1, jobs)
+
+
+def _run_fold_processes(data, out: Path, preset, folds, recipe, device, seed, wanted, compile_model, slots, progress, amp=None) -> None:
+    """Each fold in its own ``busi-monai cv --only-folds F`` process, one per slot of
+    :func:`fold_slots` at a time (a GPU slot's process sees that GPU alone)."""
     import subprocess
     import sys
 
@@ -111,8 +119,9 @@ def _run_fold_processes(data, out: Path, preset, folds, recipe, device, seed, wa
     pending, running, failed = list(wanted), {}, []
     bar = tqdm(total=len(wanted), desc="cv folds", unit="fold", disable=not progress)
     while pending or running:
-        while pending and len(running) < jobs:
+        while pending and len(running) < len(slots):
             f = pending.pop(0)
+            slot = min(set(range(len(slots))) - {r[2] for r in running.values()})
             (out / f"fold{f}").mkdir(parents=True, exist_ok=True)
             cmd = [
                 sys.executable, "-m", "busi_monai.cli", "cv", "--data", str(data), "--out", str(out), "--preset", preset,
@@ -121,10 +130,12 @@ def _run_fold_processes(data, out: Path, preset, folds, recipe, device, seed, wa
             ]  # fmt: skip
             log = open(out / f"fold{f}" / "train.log", "w")
             # Share the cores instead of each process starting a thread per core.
-            env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs)), **os.environ}
-            running[f] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+            env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(slots))), **os.environ}
+            if slots[slot] is not None:
+                env["CUDA_VISIBLE_DEVICES"] = slots[slot]
+            running[f] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, slot)
         time.sleep(0.5)
-        for f, (proc, log) in list(running.items()):
+        for f, (proc, log, _) in list(running.items()):
             if proc.poll() is not None:
                 log.close()
                 del running[f]
@@ -202,7 +213,7 @@ def register_cli(sub) -> None:
     s.add_argument("--device", default="auto")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--only-folds", help="comma-separated fold numbers (to split work across machines)")
-    s.add_argument("--jobs", type=int, default=1, help="folds trained at once, each in its own process (a GPU has room for several)")
+    s.add_argument("--jobs", type=int, default=1, help="folds trained at once per GPU (on a CPU: in all), each in its own process; folds are spread over every visible GPU")
     s.add_argument("--compile", action="store_true", help="torch.compile the training step (CUDA graphs on a GPU)")
     s.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a recipe field, as for train")
     s.add_argument("--skip-training", action="store_true", help="only summarise the folds already in --out (held-out scores, the gate)")
