@@ -1,10 +1,11 @@
-"""Round trip of one click through the real MONAI Label server, as Slicer makes it (#18).
+"""Round trip of a click through the real MONAI Label server, as Slicer makes it.
 
     python benchmarks/scripts/click_latency.py --model RUN/model.pt --images DIR --out click_latency.json
 
 Starts the app (preset ``interactive``) on a studies folder holding the images of DIR, then
-times ``/infer/attention_unet_clicks`` with ``monailabel.client``: a warm-up, then ``--reps``
-requests, each with one more click than the last (up to 5), on image after image.
+times, with ``monailabel.client``, what a clinician sends for each image: Run, five clicks
+that extend each other (the server corrects its last outline, zooming in), a box alone and a
+box with a click.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="a click-guided checkpoint (busi-monai train --preset interactive)")
     p.add_argument("--images", required=True, help="folder of PNG images (e.g. BUSI's benign/)")
     p.add_argument("--out", required=True)
-    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--reps", type=int, default=10, help="images worked (each: Run, 5 clicks, a box, a box and a click)")
     p.add_argument("--n-images", type=int, default=5)
     a = p.parse_args(argv)
     images = sorted(f for f in Path(a.images).glob("*.png") if "_mask" not in f.name)[: a.n_images]
@@ -70,22 +71,41 @@ def main(argv=None) -> int:
                     break
             except requests.RequestException:
                 time.sleep(0.5)
-        client = MONAILabelClient(url, tmpdir=str(work))
+        client = MONAILabelClient(url, tmpdir=str(work), client_id="latency")
         rng = np.random.default_rng(0)
-        times = []
-        for r in range(a.reps + 1):
-            image_id, (h, w) = ids[r % len(ids)]
-            fg = [[int(rng.integers(w)), int(rng.integers(h)), 0] for _ in range(1 + r % 5)]
+        times: dict[str, list[float]] = {"run": [], "first_click": [], "next_click": [], "box": [], "box_and_click": []}
+
+        def timed(kind, model, image_id, params):
             t = time.perf_counter()
-            client.infer("attention_unet_clicks", image_id, {"foreground": fg, "background": [], "result_extension": ".nrrd"})
-            if r:  # the first is the warm-up
-                times.append(1000 * (time.perf_counter() - t))
+            _, out = client.infer(model, image_id, {**params, "result_extension": ".nrrd"})
+            if kind:
+                times[kind].append(1000 * (time.perf_counter() - t))
+            return out
+
+        timed(None, "attention_unet_clicks", ids[0][0], {"foreground": [[1, 1, 0]]})  # warm-up
+        for r in range(a.reps):
+            image_id, (h, w) = ids[r % len(ids)]
+            # As a clinician works an image: Run, then clicks that extend each other (the server
+            # corrects its last outline), then a box with a click.
+            timed("run", "attention_unet", image_id, {})
+            fg = []
+            for k in range(5):
+                fg.append([int(rng.integers(w)), int(rng.integers(h)), 0])
+                out = timed("first_click" if k == 0 else "next_click", "attention_unet_clicks", image_id, {"foreground": fg, "background": []})
+            x0, y0 = int(rng.integers(w // 2)), int(rng.integers(h // 2))
+            roi = [x0, x0 + w // 3, y0, y0 + h // 3, 0, 0]
+            timed("box", "attention_unet_clicks", image_id, {"foreground": [], "background": [], "roi": roi})
+            timed("box_and_click", "attention_unet_clicks", image_id, {"foreground": [[x0 + w // 6, y0 + h // 6, 0]], "background": [], "roi": roi})
+        summary = {k: {"n": len(v), "mean_ms": statistics.mean(v), "median_ms": statistics.median(v), "max_ms": max(v)} for k, v in times.items() if v}
+        clicks = times["first_click"] + times["next_click"]
         res = {
-            "what": "one /infer/attention_unet_clicks round trip through monailabel.client (1-5 foreground clicks), after one warm-up",
-            "model": os.path.basename(a.model), "image_shapes": [list(s) for _, s in ids],
-            "reps": a.reps, "mean_ms": statistics.mean(times), "median_ms": statistics.median(times), "max_ms": max(times),
+            "what": "round trips through monailabel.client as Slicer makes them: Run, five extending clicks, a box, a box and a click, per image, after one warm-up",
+            "model": os.path.basename(a.model), "image_shapes": [list(s) for _, s in ids], "reps": a.reps,
+            "click_mean_ms": statistics.mean(clicks), "click_median_ms": statistics.median(clicks), "click_max_ms": max(clicks),
+            "last_previous": out.get("previous") if isinstance(out, dict) else None,
+            "by_request": summary,
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        }
+        }  # fmt: skip
         write_json(res, a.out)
         print(res)
     finally:
