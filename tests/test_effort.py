@@ -155,3 +155,19 @@ def test_the_oracle_annotator_keeps_its_output(synthetic_prepared, tmp_path):
         "round", "labels", "dice", "normal_fp", "train_s", "select_s", "picked_normal", "picked_near_duplicates", "picked_ids",
     }
     assert "hand_outline_clicks" not in res["summary"] and not (out / "effort.png").exists()
+
+
+def test_paired_click_differences_and_the_clicks_to_a_target_have_hand_computed_answers():
+    from busi_monai.active.simulation import labels_to_reach, paired_difference
+
+    runs = [
+        {"strategy": "random", "seed": 0, "clicks": 100.0}, {"strategy": "typiclust", "seed": 0, "clicks": 90.0},
+        {"strategy": "random", "seed": 1, "clicks": 120.0}, {"strategy": "typiclust", "seed": 1, "clicks": 126.0},
+        {"strategy": "typiclust", "seed": 2, "clicks": 50.0},  # no random run to pair with: left out
+    ]  # fmt: skip
+    d = paired_difference(runs, "typiclust", measure=lambda r: r["clicks"])
+    # Differences -10 and +6: mean -2, sample SD sqrt(128) = 11.31, SE 11.31 / sqrt(2) = 8.0.
+    assert d == {"seeds": 2, "mean_difference": -2.0, "standard_error": pytest.approx(8.0), "fewer": 1, "unpaired": 0}
+    # Cumulative clicks 0, 100, 300 at Dice 0.2, 0.6, 0.8: Dice 0.7 is reached halfway between.
+    assert labels_to_reach([0, 100, 300], [0.2, 0.6, 0.8], 0.7) == pytest.approx(200.0)
+    assert labels_to_reach([0, 100, 300], [0.2, 0.6, 0.8], 0.9) is None

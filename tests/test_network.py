@@ -113,3 +113,29 @@ def test_every_network_satisfies_the_written_protocol(name):
     seg, aux = net.forward_parts(x)
     assert seg.shape == net(x).shape == (2, 1, 32, 32) and aux == []
     assert len(net.gates) == 4 and net.config == build_network(net.config.to_dict()).config
+
+
+class _Ramp(torch.nn.Module):
+    """A member whose logit rises from left to right whatever the image: the flip shows."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    def forward_parts(self, x):
+        cols = torch.arange(x.shape[-1], dtype=torch.float32)
+        return (0.5 * cols - 2.0).expand(x.shape[0], 1, x.shape[-2], x.shape[-1]).clone(), []
+
+
+def test_flip_averaging_has_a_known_answer_with_an_asymmetric_network():
+    from busi_monai.model.networks import AveragedNetwork, NetworkConfig
+
+    net = AveragedNetwork([_Ramp(NetworkConfig())], flips=True)
+    x = torch.zeros(1, 1, 2, 4)
+    p = torch.sigmoid(net.forward_ungated(x))[0, 0, 0]
+    # Columns 0..3: sigmoid(0.5c - 2) as is, and mirrored (the flipped view's logit of column c
+    # is its own column 3 - c): the mean of the two.
+    own = torch.sigmoid(torch.tensor([-2.0, -1.5, -1.0, -0.5]))
+    torch.testing.assert_close(p, (own + own.flip(0)) / 2, atol=1e-5, rtol=0)
+    plain = torch.sigmoid(AveragedNetwork([_Ramp(NetworkConfig())], flips=False).forward_ungated(x))[0, 0, 0]
+    torch.testing.assert_close(plain, own, atol=1e-5, rtol=0)
