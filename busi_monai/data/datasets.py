@@ -113,7 +113,7 @@ def load_split(data: str | Path, split: str, image_size: int, progress: bool = T
     kind = source_kind(data)
     if kind not in ("pack", "prepared", "busi"):
         # Training needs the near-duplicate groups and the split that only prepare makes.
-        raise DatasetError(f"{data}: your own data must be prepared first: busi-monai prepare --{kind} {data} --out DATASET")
+        raise DatasetError(f"{data}: not a prepared dataset (no dataset.json); prepare your own data first: busi-monai prepare --{kind} {data} --out DATASET")
     if kind == "pack":
         pack = load_pack(data)
         if pack.images.shape[-1] != image_size:
