@@ -194,6 +194,25 @@ def test_dicom_folder_prepare_train_evaluate_export_and_full_frame_prediction(ca
     assert written.shape == frame.shape and written.spacing == pytest.approx((0.08, 0.08))
     assert not written.array[~inside].any()
 
+    # The exported bundle, without busi_monai, crops to the region and pastes back the same way.
+    from test_bundle import monai_bundle
+
+    bundle = tmp_path / "bundle"
+    monai_bundle(
+        "run", "--config_file", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
+        "--dataset_dir", str(src / "images"), "--output_dir", str(tmp_path / "bundle_out"), cwd=tmp_path,
+    )  # fmt: skip
+    rc, out, err = cli(capsys, "infer", "--model", tmp_path / "run" / "model.pt", "--out", tmp_path / "png", "--device", "cpu", "--format", ".png", dcm)
+    assert rc == 0, err
+    ours, theirs = read_mask(tmp_path / "bundle_out" / f"{dcm.stem}_mask.png"), read_mask(tmp_path / "png" / f"{dcm.stem}_mask.png")
+    assert ours.shape == frame.shape and not ours[~inside].any()
+    assert (ours == theirs).mean() > 0.99  # float rounding may flip a pixel at the threshold
+    monai_bundle(
+        "run", "--config_file", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
+        "--dataset_dir", str(src / "images"), "--output_dir", str(tmp_path / "everything"), "--threshold", "1e-12", cwd=tmp_path,
+    )  # fmt: skip
+    assert np.array_equal(read_mask(tmp_path / "everything" / f"{dcm.stem}_mask.png"), inside)  # all the scan, exactly where it lies
+
 
 def test_slicer_nifti_pairs_with_a_multi_label_mask(cases, tmp_path, capsys):
     src = tmp_path / "nifti"

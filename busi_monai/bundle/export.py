@@ -12,6 +12,7 @@
       models/model.pt          state_dict
       models/model.ts          TorchScript (traced: the network does not script), with metadata
       scripts/networks.py      copied verbatim from busi_monai/model/networks.py at export
+      scripts/dicom.py         copied verbatim from busi_monai/data/dicom.py (ultrasound DICOM, scan region)
       scripts/transforms.py    grayscale + processed-mask transforms (numpy/torch only)
       docs/README.md           usage and measured results (from --metrics, else "not measured")
 
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+import busi_monai.data.dicom as dicom_module
 import busi_monai.model.networks as networks_module
 from busi_monai import __version__
 from busi_monai.jsonio import dumps
@@ -335,6 +337,9 @@ def export_bundle(
             "# Needs only torch and MONAI.\n"
         )
         (tmp / "scripts" / "networks.py").write_text(header + net_src)
+        # The DICOM reader likewise (numpy and pydicom only): the bundle crops to the scan region as busi-monai does.
+        dicom_header = header.replace("busi_monai/model/networks.py", "busi_monai/data/dicom.py").replace("torch and MONAI", "numpy and pydicom")
+        (tmp / "scripts" / "dicom.py").write_text(dicom_header + Path(dicom_module.__file__).read_text())
 
         for cfg_name in ("inference.json", "train.json", "evaluate.json"):
             p = tmp / "configs" / cfg_name

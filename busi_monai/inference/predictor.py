@@ -123,11 +123,10 @@ class Predictor:
         for im, p in zip(loaded, small):
             shape = scan_view(im).shape if isinstance(im, Image2D) else np.asarray(im).shape
             prob = restore_size(p, shape, self.pad_square)[0].numpy().astype(np.float32)
-            raw = (prob > self.threshold).astype(np.uint8)
-            maps = (prob, raw, processed_mask(raw, **self.postprocess))
             if isinstance(im, Image2D):  # back into the full frame, nothing outside the scan
-                maps = tuple(to_full_frame(m, im) for m in maps)
-            out.append(Prediction(*maps))
+                prob = to_full_frame(prob, im)
+            raw = (prob > self.threshold).astype(np.uint8)
+            out.append(Prediction(prob, raw, processed_mask(raw, **self.postprocess)))
         return out
 
     def network_clicks(self, clicks, shape: tuple[int, int]) -> list[tuple[float, float]]:

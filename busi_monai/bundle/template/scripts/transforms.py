@@ -3,6 +3,10 @@
 * ``PilConverter``: PILReader converter; palette PNGs become RGBA (their colours, not their indices).
 * ``ToGrayscaled``: a channel-first image to one intensity channel, as busi-monai reads BUSI PNGs
   (alpha dropped; RGB that is really gray -> its first channel; colour overlays -> luminance).
+* ``UltrasoundReader``: a LoadImage reader for ultrasound DICOM (``scripts/dicom.py``, pydicom): one
+  grey frame in PILReader's orientation, its scan region and pixel spacing (mm) in the meta data.
+* ``ScanRegiond``: crops an image to that scan region (what the network was trained on) and, as
+  an inverse, pads the prediction back into the full frame with zeros.
 * ``ProcessedMaskd``: the paper's "processed mask" from the thresholded one: drop specks of at
   most ``min_area_fraction`` of the image (rounded to pixels), keep only components at least ``keep_fraction`` of the
   largest (8-connected), fill holes (background not 8-connected to the border). It reproduces
@@ -17,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.data import ImageReader
+from monai.transforms import BorderPad, InvertibleTransform, MapTransform, SpatialCrop
 from monai.utils import convert_to_dst_type
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -59,6 +64,68 @@ class ToGrayscaled(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = to_grayscale(d[key])
+        return d
+
+
+class UltrasoundReader(ImageReader):
+    """DICOM files (by extension or by their ``DICM`` marker) read as one grey frame, transposed
+    as PILReader hands images over, with ``scan_region`` (top, left, height, width) and the
+    region's spacing in mm (as the affine) in the meta data. ``frame``: of a multi-frame file."""
+
+    def __init__(self, frame: int | None = None):
+        super().__init__()
+        self.frame = frame
+
+    def verify_suffix(self, filename) -> bool:
+        from .dicom import is_dicom
+
+        names = [str(f) for f in (filename if isinstance(filename, (list, tuple)) else [filename])]
+        return all(n.lower().endswith((".dcm", ".dicom")) or is_dicom(n) for n in names)
+
+    def read(self, data, **kwargs):
+        from .dicom import read_ultrasound
+
+        return read_ultrasound(str(data[0] if isinstance(data, (list, tuple)) else data), frame=self.frame)
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        arr = np.ascontiguousarray(img.array.T)  # (W, H), as PILReader's reverse indexing gives it
+        sx, sy = img.spacing or (1.0, 1.0)
+        affine = np.diag([sx, sy, 1.0, 1.0])
+        meta = {
+            "spatial_shape": np.asarray(arr.shape),
+            "original_channel_dim": float("nan"),
+            "affine": affine,
+            "original_affine": affine.copy(),
+            "scan_region": list(img.region) if img.region is not None else [],
+        }
+        return arr, meta
+
+
+class ScanRegiond(MapTransform, InvertibleTransform):
+    """Crop a channel-first (C, H, W) image to its ``scan_region`` meta data (none: unchanged);
+    the inverse pads a prediction back to the full frame with zeros (through ``Invertd``)."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            region = list(getattr(d[key], "meta", {}).get("scan_region", []) or [])
+            if len(region) == 4:
+                top, left, h, w = (int(v) for v in region)
+                d[key] = SpatialCrop(roi_start=(top, left), roi_end=(top + h, left + w))(d[key])
+        return d
+
+    def inverse(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            ops = getattr(d[key], "applied_operations", None)
+            if ops and ops[-1].get("class") == "SpatialCrop":
+                cropped = self.pop_transform(d[key], check=False)["extra_info"]["cropped"]
+                pad = BorderPad(cropped)  # as Crop.inverse pads, for a crop this instance made
+                with pad.trace_transform(False):
+                    d[key] = pad(d[key])
         return d
 
 
