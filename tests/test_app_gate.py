@@ -4,7 +4,7 @@ the real MONAI Label server (``MONAILabelClient``, as 3D Slicer calls it).
 The predictions are controlled, so that what the gate does is known in advance: the images are
 made for the session's model (lesion images it outlines with a top probability of at least
 0.999, labelled with its own outline; "normal" images blended until it outlines them with a
-top probability of 0.85-0.97), and the Trains run at learning rate 0, so the weights stay the
+top probability of 0.82-0.988), and the Trains run at learning rate 0, so the weights stay the
 session model's (only batch-norm statistics move, by one momentum step per Train). Then:
 
 * a Train with lesion labels only keeps the served model's gate (not the recipe's 0.8);
@@ -13,6 +13,12 @@ session model's (only batch-norm statistics move, by one momentum step per Train
   and /info reports it;
 * an image the new model outlines with a top probability between the recipe's fixed 0.8 and
   that gate gets an empty mask from Run, where the fixed gate would have outlined it.
+
+Not fully deterministic: the Train's batch-norm step moves the logits by an amount that depends
+on the code and the machine. The rule's answer is checked exactly whatever it is; the last point
+holds as stated when the chosen gate comes out above 0.8, which the spread of the normals makes
+the usual case; otherwise the test checks the reverse (Run outlines where the fixed gate would
+not), and it skips that part only if the Train chose 0.8 itself.
 """
 
 from __future__ import annotations
@@ -110,8 +116,10 @@ def crafted(trained_model, training_set, tmp_path_factory):
     for i, arr in enumerate(confident[:N_EACH]):
         p = _write_png(arr, studies / f"lesion_{i:02d}.png")
         made["lesion"].append((p.stem, _label(p, pred.predict([arr])[0].mask, labels / f"lesion_{i:02d}.nii.gz")))
-    # Normals spread over tops 0.85-0.97: a fixed 0.8 outlines them all, the lesions stay above.
-    targets = 1 / (1 + np.exp(-np.linspace(_logit(0.85), _logit(0.97), N_EACH)))
+    # Normals spread over tops 0.82-0.988 (logits 1.5-4.4): a fixed 0.8 outlines them all, the
+    # lesions stay above, and some normal stays between the two if the Train shifts every logit
+    # by up to about 2.5 either way.
+    targets = 1 / (1 + np.exp(-np.linspace(1.5, 4.4, N_EACH)))
     pool = iter((n, les) for n in normals for les in confident[N_EACH:])
     for i, target in enumerate(targets):
         for n, les in pool:
@@ -167,7 +175,7 @@ def test_train_chooses_the_served_gate_from_the_labels(gate_app, tmp_path):
     from busi_monai.model.checkpoint import load_checkpoint
     from busi_monai.serve import MODEL_FILENAME
     from busi_monai.training.gate import run_gate
-    from busi_monai.training.validation import predict_cached
+    from busi_monai.training.validation import image_scores, predict_cached
 
     srv, model_dir, made = gate_app
     client = srv.client(tmp_path / "client")
@@ -199,20 +207,28 @@ def test_train_chooses_the_served_gate_from_the_labels(gate_app, tmp_path):
     studies = Path(srv.studies)
     val = cache_items([{"image": str(studies / f"{i}.png"), "label": str(labels[i])} for i in sorted(val_ids)], SIZE, progress=False)
     amp = mixed_precision(torch.device("cpu"))  # as the Train's run predicted its validation slice
-    expected = run_gate(predict_cached(Predictor(published, device="cpu").network, val.images, amp=amp), val.labels, 0.5, default=FIXED)
+    prob = predict_cached(Predictor(published, device="cpu").network, val.images, amp=amp)
+    expected, expected_scores = run_gate(prob, val.labels, 0.5, default=FIXED), image_scores(prob, val.labels, 0.5)
     assert expected["n_normal"] >= 5 and expected["n_lesion"] >= 5
     assert gate == pytest.approx(expected["confidence_gate"])
     # By construction every validation normal is outlined above the fixed gate, the lesions higher.
-    assert gate > FIXED, f"gate {gate}: the normals were made to need a gate above {FIXED}"
+    if gate == FIXED:
+        tops = {c: [round(float(t), 4) for t, les in zip(expected_scores["top"], expected_scores["lesion"]) if bool(les) == (c == "lesion")] for c in ("lesion", "normal")}
+        pytest.skip(f"the Train chose the fixed gate itself; nothing to tell apart (validation tops {tops})")
 
-    # Run on a normal image outlined between the fixed gate and the chosen one: empty now.
+    # Run on an image the new model outlines with a top probability between the fixed gate and
+    # the chosen one. As made (normals above the fixed gate, lesions above every normal) the
+    # chosen gate is the higher: Run leaves the image empty, where the fixed gate outlined it.
+    # Batch-norm statistics that moved far in the Train can reverse the order: Run then outlines
+    # it where the fixed gate did not. Either way Run answers with the chosen gate, not the fixed.
     served = Predictor(published, device="cpu", confidence_gate=0)
-    target = 1 / (1 + np.exp(-(_logit(FIXED) + _logit(gate)) / 2))
+    target = 1 / (1 + np.exp(-(_logit(FIXED) + _logit(max(gate, 0.5))) / 2))
     probe = next((a for n, les in made["probe_pool"] if (a := _blend_to(served, n, les, float(target))) is not None), None)
     assert probe is not None, f"no blend reaches a top probability of {target:.3f}"
     path = _write_png(probe, tmp_path / "probe_normal.png")
     client.upload_image(str(path), "probe_normal")
     result, params = client.infer(MODEL, "probe_normal", {"result_extension": ".nrrd"})
     assert params["model_version"] == info["busi"]["model_version"]
-    assert not itk.array_from_image(itk.imread(result)).any(), "the chosen gate should leave this normal image empty"
-    assert Predictor(published, device="cpu", confidence_gate=FIXED).predict([probe])[0].mask.any(), "the fixed gate outlines it"
+    outlined = bool(itk.array_from_image(itk.imread(result)).any())
+    fixed_outlines = bool(Predictor(published, device="cpu", confidence_gate=FIXED).predict([probe])[0].mask.any())
+    assert (outlined, fixed_outlines) == ((False, True) if gate > FIXED else (True, False)), (gate, outlined, fixed_outlines)
