@@ -104,7 +104,7 @@ def cmd_infer(a):
 
     pred = Predictor(a.model, device=a.device, confidence_gate=a.confidence_gate)
     out = Path(a.out)
-    images = [read_image(p) for p in a.images]
+    images = [read_image(p, frame=a.frame) for p in a.images]
     if a.foreground or a.background or a.box:
         if len(images) != 1:
             raise ValueError("--foreground/--background/--box work on one image; give exactly one")
@@ -264,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="same", help="output extension (.png, .nii.gz, .nrrd) or 'same' as input")
     s.add_argument("--raw", action="store_true", help="write the raw thresholded mask, not the processed one")
     s.add_argument("--probability", action="store_true", help="also write the probability map")
+    s.add_argument("--frame", type=int, metavar="N", help="the frame (0-based) of multi-frame DICOM files (cine loops); without it they are refused")
     s.add_argument("--confidence-gate", type=float, help="highest lesion probability below which a mask is left empty (0: off; default: the model's)")
     s.add_argument("--foreground", action="append", default=[], metavar="X,Y", help="a click inside the lesion (click-guided models; X the column, Y the row); repeatable")
     s.add_argument("--background", action="append", default=[], metavar="X,Y", help="a click on what is not lesion; repeatable")
