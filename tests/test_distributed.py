@@ -82,3 +82,10 @@ def test_in_memory_training_on_two_workers_reports_each_epoch_here(tmp_path):
     assert summary["world_size"] == 2 and summary["epochs"] == 2
     assert [r["epoch"] for r in records] == [1, 2] and all("val_score" in r for r in records)
     assert [h["epoch"] for h in json.loads((tmp_path / "history.json").read_text())] == [1, 2]
+
+
+def test_workers_are_given_the_command_less_the_launch_option():
+    from busi_monai.training.launch import without_option
+
+    argv = ["-v", "train", "--data", "d", "--nproc-per-node", "4", "--out", "o", "--nproc-per-node=2", "--seed", "1"]
+    assert without_option(argv, "--nproc-per-node") == ["-v", "train", "--data", "d", "--out", "o", "--seed", "1"]

@@ -29,7 +29,7 @@ def failure_line(e) -> str:
     message = failure.message if isinstance(failure.message, str) else (failure.message or {}).get("message", "")
     if not message or message.startswith("To enable traceback"):
         message = f"exit code {failure.exitcode} (its own output above says why)"
-    return f"worker rank {rank} failed: {message.strip().splitlines()[-1]}"
+    return f"worker rank {rank} failed: {(message.strip().splitlines() or [''])[0]}"
 
 
 def run_command(program: list[str], nproc: int, monitor_interval: float = 0.1) -> None:
