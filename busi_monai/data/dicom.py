@@ -95,14 +95,19 @@ def read_ultrasound(path: str | Path, frame: int | None = None, max_pixels: int 
 
     Multi-frame files (cine loops) need ``frame`` (0-based); without it they are refused,
     since which frame holds the lesion is the user's call. Raises :class:`DicomError`."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     path = str(path)
     try:
-        ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError, KeyError) as e:
-        raise DicomError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e})") from None
+        return _read_frame(path, frame, max_pixels)
+    except DicomError:
+        raise
+    except Exception as e:  # pydicom raises many kinds on damaged files (struct, value, index errors...)
+        raise DicomError(f"{path}: not a readable DICOM file ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _read_frame(path: str, frame: int | None, max_pixels: int | None) -> UltrasoundFrame:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
     if "PixelData" not in ds:
         raise DicomError(f"{path}: DICOM file without pixel data (a report or a structured document?)")
     photometric = str(getattr(ds, "PhotometricInterpretation", "")).strip()
