@@ -336,3 +336,22 @@ def shutil_copy(src: Path, dst: Path) -> None:
     import shutil
 
     shutil.copytree(src, dst)
+
+
+def test_training_loader_sees_only_the_scan_region(cases, tmp_path):
+    """The app trains from its studies folder as it is: a DICOM and its full-frame label reach
+    the network as the scan region alone, exactly as the same scan saved on its own would."""
+    import torch
+
+    from busi_monai.data.packs import cache_items
+
+    _, _, img, mask = cases[1]
+    gray = img.array.astype(np.uint8)
+    dcm = us_dicom(tmp_path / "a.dcm", gray, "YBR_FULL_422")
+    Image.fromarray(in_frame(mask, read_image(dcm).shape) * 255).save(tmp_path / "a_mask.png")
+    Image.fromarray(gray).save(tmp_path / "b.png")
+    Image.fromarray(mask * 255).save(tmp_path / "b_mask.png")
+    direct = cache_items([{"image": str(dcm), "label": str(tmp_path / "a_mask.png")}], 32, progress=False)
+    alone = cache_items([{"image": str(tmp_path / "b.png"), "label": str(tmp_path / "b_mask.png")}], 32, progress=False)
+    assert torch.equal(direct.labels, alone.labels) and direct.labels.any()
+    assert torch.allclose(direct.images, alone.images, atol=1.5 / 255)  # YBR 4:2:2: within a grey level
