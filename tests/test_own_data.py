@@ -293,6 +293,21 @@ def test_studies_folder_labelled_through_the_app(cases, tmp_path, capsys, monkey
     assert dicom_entry["region"][:2] == [TOP, LEFT]
     train_evaluate_export(capsys, data, tmp_path, evaluate_data=studies)
 
+    # The model trained from the studies folder, served back to it by the real app: Run on the
+    # DICOM gives a label in its full frame, in mm, empty outside the scan.
+    from app_server import AppServer
+
+    from busi_monai.serve import publish_model
+
+    publish_model(tmp_path / "run" / "model.pt", tmp_path / "model")
+    with AppServer(studies, tmp_path / "model", workdir=tmp_path / "server", conf={"preset": "fast", "device": "cpu"}) as srv:
+        result, _ = srv.client(tmp_path / "client").infer("attention_unet", cases[0][0], {"result_extension": ".nii.gz"})
+    served = read_image(result)
+    assert served.shape == shapes[cases[0][0]] and served.spacing == pytest.approx((0.08, 0.08))
+    outside = np.ones(served.shape, bool)
+    outside[TOP : TOP + cases[0][2].shape[0], LEFT : LEFT + cases[0][2].shape[1]] = False
+    assert not served.array[outside].any()
+
 
 def _one_line_error(capsys, out: Path, *args) -> str:
     rc, _, err = cli(capsys, "prepare", *args, "--out", out)
