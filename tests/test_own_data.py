@@ -51,7 +51,7 @@ def us_dicom(path: Path, gray: np.ndarray, photometric: str = "RGB", frames: int
         frame = rgb[..., 0]
     else:
         ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
-        frame = rgb
+        frame = rgb if photometric == "RGB" else convert_color_space(rgb, "RGB", "YBR_FULL")
         if photometric == "YBR_FULL_422":  # Y0 Y1 Cb Cr for each pair of pixels
             ybr = convert_color_space(rgb, "RGB", "YBR_FULL").reshape(H, W // 2, 2, 3).astype(float)
             chroma = ybr[..., 1:].mean(axis=2).round()
@@ -123,7 +123,7 @@ def train_evaluate_export(capsys, data: Path, tmp: Path, evaluate_data: Path | N
 def test_dicom_is_read_with_its_scan_region_and_spacing(cases, tmp_path):
     _, _, img, _ = cases[0]
     gray = img.array.astype(np.uint8)
-    for photometric in ("RGB", "YBR_FULL_422", "MONOCHROME2"):
+    for photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "MONOCHROME2"):
         read = read_image(us_dicom(tmp_path / f"{photometric}.dcm", gray, photometric))
         top, left, h, w = read.region
         assert (top, left, h, w) == (TOP, LEFT, *gray.shape)
