@@ -35,8 +35,8 @@ from busi_monai.model.checkpoint import (
 )
 from busi_monai.interactive.zoom import training_crops
 from busi_monai.model.networks import build_network, network_config, takes_previous
-from busi_monai.training.augmentation import augmentation
 from busi_monai.training import distributed
+from busi_monai.training.augmentation import augmentation
 from busi_monai.training.gate import choose_run_gate
 from busi_monai.training.graphs import GraphedStep
 from busi_monai.training.losses import make_loss
@@ -89,8 +89,8 @@ class RunSettings:
     init_checkpoint: str | Path | None = None
     progress: bool = True
     on_epoch: Callable[[dict], None] | None = None
-    compile_model: bool = False
     on_step: Callable[[int, float], None] | None = None
+    compile_model: bool = False
     cuda_graphs: bool = False
     checkpoint_overhead: float = CHECKPOINT_OVERHEAD
     amp: bool | None = None
@@ -130,7 +130,6 @@ class Trainer:
         self.dev = dev = resolve_device(settings.device)
         _seed_everything(settings.seed)
         self.model = build_network(replace(network_config(recipe.network), confidence_gate=recipe.confidence_gate)).to(dev)
-        self.amp = mixed_precision(dev) if settings.amp is None else settings.amp
         # Several workers: equal weights (seeded alike above), the global batch's batch-norm
         # statistics, and each rank's own dropout and augmentation draws from here on.
         self.ranks, self.ddp = distributed.current(), None
@@ -141,6 +140,7 @@ class Trainer:
                 raise TrainingError("cuda_graphs records one process's step; train several workers without it")
             if recipe.batch_size < self.ranks.world_size:
                 raise TrainingError(f"batch size {recipe.batch_size} is the global batch: it needs an image for each of the {self.ranks.world_size} workers")
+        self.amp = mixed_precision(dev) if settings.amp is None else settings.amp
         self.channels_last = dev.type == "cuda" or self.amp
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -153,8 +153,8 @@ class Trainer:
         except ValueError as e:
             raise TrainingError(str(e)) from None
         self.sampler = make_sampler(recipe, train.labels)
-        self.scheduler = make_scheduler(recipe, self.optimizer, recipe.epochs)
         self.has_lesion = train.labels.flatten(1).amax(1).cpu() > 0  # spread evenly over the ranks' shares
+        self.scheduler = make_scheduler(recipe, self.optimizer, recipe.epochs)
         self.loss_fn = make_loss(recipe, self.model.config.deep_supervision)
         self.augment = augmentation(recipe.augment)
         self.train_items, self.val_items = train.items, val.items
@@ -345,9 +345,9 @@ class Trainer:
                 s.on_epoch(rec)
         if writer:
             writer.close()
-        # The served model's own gate, chosen on this run's validation slice (never the test split).
         if not self.ranks.is_main:
             return {"rank": self.ranks.rank, "world_size": self.ranks.world_size}
+        # The served model's own gate, chosen on this run's validation slice (never the test split).
         gate = choose_run_gate(self.out, self.val_d, r, self.amp) if self.best_path.is_file() else {}
         validated = len(self.val_d) > 0
         summary = {
@@ -355,8 +355,8 @@ class Trainer:
             "recipe": r.to_dict(),
             "device": str(self.dev),
             "amp_bf16": self.amp,
-            "epochs": r.epochs,
             "world_size": self.ranks.world_size,
+            "epochs": r.epochs,
             "n_train": len(self.train_d),
             "n_val": len(self.val_d),
             "best_val_score": self.best if validated else None,
