@@ -1,6 +1,7 @@
 """One worker of the data-parallel tests (tests/test_distributed.py), run under torchrun's
 launcher: ``fit`` on a small in-memory set (:func:`data`), rank 0 writing each step's loss of
-the global batch to ``OUT/steps.json``. ``--fail-rank R`` makes rank R raise after its
+the global batch to ``OUT/steps.json`` and how far the ranks' weights are apart at the end to
+``OUT/ranks.json``. ``--fail-rank R`` makes rank R raise after its
 second step, as a worker that runs out of memory would."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from busi_monai.data.packs import CachedData
 from busi_monai.training import distributed
-from busi_monai.training.loop import fit
+from busi_monai.training.loop import RunSettings, Trainer
 from busi_monai.training.recipes import get_recipe
 
 # Deterministic (no dropout, no augmentation), so one process and two take the same steps;
@@ -47,6 +48,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--fail-rank", type=int)
+    p.add_argument("--epochs", type=int, default=RECIPE.epochs)
+    p.add_argument("--resume", action="store_true")
     a = p.parse_args()
     steps = []
 
@@ -58,7 +61,16 @@ def main() -> None:
             Path(a.out, "steps.json").write_text(json.dumps(steps))
 
     with distributed.process_group("cpu", timeout_s=60) as device:
-        fit(data(14, 0), data(4, 1), a.out, "fast", RECIPE, device=device, progress=False, amp=False, on_step=on_step, seed=0)
+        settings = RunSettings(device=device, progress=False, amp=False, on_step=on_step, seed=0, resume=a.resume)
+        trainer = Trainer(data(14, 0), data(4, 1), a.out, "fast", RECIPE.with_overrides(epochs=a.epochs), settings)
+        trainer.run()
+        # Every rank's weights, gathered: DDP keeps them equal only if every rank started alike.
+        flat = torch.cat([t.detach().flatten().float() for t in trainer.model.state_dict().values()])
+        ranks = distributed.current()
+        gathered = [torch.zeros_like(flat) for _ in range(ranks.world_size)]
+        torch.distributed.all_gather(gathered, flat)
+        if ranks.is_main:
+            Path(a.out, "ranks.json").write_text(json.dumps({"max_difference": max(float((g - flat).abs().max()) for g in gathered)}))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def test_two_gloo_workers_take_the_steps_of_one_process(tmp_path):
     assert len(steps) == len(two_steps) == 3  # 14 images in global batches of 5
     assert two_steps == pytest.approx(steps, rel=RTOL)
     assert abs(steps[-1] - steps[0]) > 100 * RTOL * steps[0], "the steps must change the loss for the match to mean anything"
+    assert json.loads((two / "ranks.json").read_text())["max_difference"] == 0.0  # the ranks hold one model
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
     assert (s1["world_size"], s2["world_size"]) == (1, 2)
     assert s2["best_val_score"] == pytest.approx(s1["best_val_score"], rel=RTOL, abs=1e-6)
@@ -89,3 +90,19 @@ def test_workers_are_given_the_command_less_the_launch_option():
 
     argv = ["-v", "train", "--data", "d", "--nproc-per-node", "4", "--out", "o", "--nproc-per-node=2", "--seed", "1"]
     assert without_option(argv, "--nproc-per-node") == ["-v", "train", "--data", "d", "--out", "o", "--seed", "1"]
+
+
+@pytest.mark.slow  # one more launch of two workers (about 20 s on 2 cores)
+def test_resume_restores_every_rank(tmp_path):
+    """One process trains an epoch; two workers resume it for a second. Rank 0 alone reads
+    last.pt: if another rank kept its fresh momentum instead, its weights would part from rank
+    0's at the first step, and the gathered weights would differ."""
+    fit(data(14, 0), data(4, 1), tmp_path, "fast", RECIPE, device="cpu", progress=False, amp=False, seed=0)
+    first = json.loads((tmp_path / "history.json").read_text())
+    run_command([WORKER, "--out", str(tmp_path), "--resume", "--epochs", "2"], nproc=2)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2] and history[:1] == first
+    assert len(json.loads((tmp_path / "steps.json").read_text())) == 3  # the second epoch's steps only
+    assert json.loads((tmp_path / "ranks.json").read_text())["max_difference"] == 0.0
+    assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 2
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1

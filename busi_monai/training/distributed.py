@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -124,6 +125,9 @@ def process_group(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S):
         record_error(e)
         raise
     finally:
+        # gloo's threads release their last collective's tensors, which takes the GIL; torch
+        # joins those threads holding it when the group is freed, so let them finish first.
+        time.sleep(0.2)
         dist.destroy_process_group()
 
 
