@@ -13,7 +13,8 @@ The scaling rule measured: each GPU keeps the recipe's batch (``--per-gpu-batch`
 so the global batch is N times it, and the learning rate grows with it (linear rule, Goyal et
 al. 2017; docs/multi-gpu.md). A machine with one GPU measures only the first configuration.
 The command for the GPU machine (the ``run`` tool; carry ``.gpu/busi256.npz`` and ``.whl``;
-about 3 minutes at 10 epochs on an H200):
+not timed on a GPU yet: 10 epochs are a fifth of the paper's schedule, which took 61-97 s on
+an H200 compiled, so leave room for eager start-up per configuration):
 
     python3 -c "import monai" 2>/dev/null || python3 -m pip install -q --no-deps .whl/monai-*.whl; python3 benchmarks/scripts/gpu_ddp_scaling.py --pack .gpu/busi256.npz --out "$OUT/ddp_scaling" --epochs 10
 
