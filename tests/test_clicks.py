@@ -263,3 +263,25 @@ def test_a_model_from_before_the_click_channels_starts_a_click_network_that_answ
         clicked = t.model.forward_parts(torch.cat([x, torch.ones(2, 3, SIZE, SIZE)], 1))[0]
     assert t.model.config.in_channels == 4
     torch.testing.assert_close(clicked, before.forward_parts(x)[0])  # the new channels start at zero weight
+
+
+def test_clicks_on_an_ultrasound_frame_work_in_its_scan_region_and_come_back_in_the_full_frame(tmp_path):
+    from test_own_data import LEFT, TOP, us_dicom
+
+    from busi_monai.data.io import read_image
+
+    gray = np.random.default_rng(0).integers(0, 120, (40, 56)).astype(np.uint8)
+    img = read_image(us_dicom(tmp_path / "scan.dcm", gray))
+    assert img.region is not None and img.region[:2] == (TOP, LEFT)
+    p = _stub_predictor()
+    click = (TOP + 20, LEFT + 30)
+    out = p.predict_clicks(img, foreground=[click])
+    assert out.mask.shape == img.shape and out.mask[click] == 1
+    top, left, h, w = img.region
+    inside = np.zeros(img.shape, bool)
+    inside[top : top + h, left : left + w] = True
+    assert out.mask[inside].sum() > 1 and not out.mask[~inside].any(), "nothing outside the scan"
+    rows, cols = np.nonzero(out.raw_mask)
+    assert abs(rows.mean() - click[0]) < 3 and abs(cols.mean() - click[1]) < 3
+    with pytest.raises(ValueError, match="outside the scan region"):
+        p.predict_clicks(img, foreground=[(2, 2)])

@@ -16,7 +16,7 @@ import torch
 
 from busi_monai.data.io import Image2D, read_image
 from busi_monai.data.preprocessing import preprocess_array, preprocess_mask, restore_size, square_box
-from busi_monai.data.region import scan_view, to_full_frame
+from busi_monai.data.region import crop_to_scan, scan_view, to_full_frame
 from busi_monai.device import resolve_device
 from busi_monai.inference.postprocessing import processed_mask
 from busi_monai.interactive.guidance import DEFAULT_SIGMA, click_maps, scale_clicks
@@ -166,6 +166,8 @@ class Predictor:
         """
         if not self.takes_clicks:
             raise ValueError(f"{self.paths[0]}: this model does not take clicks (train a '+clicks' network, e.g. --preset interactive)")
+        if isinstance(image, Image2D) and image.region is not None:
+            return self._predict_clicks_in_scan(image, foreground, background, box, previous)
         arr = image.array if isinstance(image, Image2D) else np.asarray(image, np.float32)
         shape = arr.shape
         fg = [tuple(map(float, p[:2])) for p in foreground]
@@ -200,6 +202,30 @@ class Predictor:
         radius = max(2.0, self.click_sigma * max(region.shape) / self.image_size)
         mask = honour_clicks(mask, fg, bg, radius=radius, previous=prev, boxed=box is not None)
         return Prediction(prob, raw, mask)
+
+    def _predict_clicks_in_scan(self, image: Image2D, foreground, background, box, previous) -> Prediction:
+        """:meth:`predict_clicks` on an ultrasound frame with a scan region: the network sees the
+        region only (as in training), clicks and the box are moved into it, and the outline comes
+        back in the full frame. A click or a box outside the scan is refused."""
+        top, left, h, w = image.region
+
+        def moved(points, what):
+            out = []
+            for r, c in points:
+                if not (top <= r < top + h and left <= c < left + w):
+                    raise ValueError(f"{what} click at row {r:g}, column {c:g} lies outside the scan region (rows {top}-{top + h - 1}, columns {left}-{left + w - 1})")
+                out.append((r - top, c - left))
+            return out
+
+        fg, bg = moved(foreground, "a foreground"), moved(background, "a background")
+        if box is not None:
+            r0, c0, r1, c1 = max(box[0] - top, 0), max(box[1] - left, 0), min(box[2] - top, h - 1), min(box[3] - left, w - 1)
+            if r1 - r0 < 1 or c1 - c0 < 1:
+                raise ValueError(f"the box {list(box)} does not cover the scan region (rows {top}-{top + h - 1}, columns {left}-{left + w - 1})")
+            box = (r0, c0, r1, c1)
+        prev = None if previous is None else crop_to_scan(np.asarray(previous), image)
+        p = self.predict_clicks(scan_view(image), fg, bg, box=box, previous=prev)
+        return Prediction(*(to_full_frame(a, image) for a in (p.probability, p.raw_mask, p.mask)))
 
     def as_click_model(self):
         """This predictor as the click protocol's ``predict(image, fg, bg, box=, previous=)``

@@ -284,7 +284,10 @@ class ClickInfer(AttentionUNetInfer):
             # Nothing to correct with: the automatic outline, exactly what Run shows.
             pred = predictor.predict([img])[0]
         elif not predictor.takes_previous:
-            return predictor.predict_clicks(img, fg, bg, box=box), extra
+            try:
+                return predictor.predict_clicks(img, fg, bg, box=box), extra
+            except ValueError as e:
+                raise http_error(422, str(e)) from None
         else:
             previous = self._previous(request, fg, bg, box, version)
             extra["previous"] = "reused"
@@ -297,7 +300,10 @@ class ClickInfer(AttentionUNetInfer):
                 else:
                     previous = predictor.predict([img])[0].mask
                     extra["previous"] = "automatic"
-            pred = predictor.predict_clicks(img, fg, bg, box=box, previous=previous)
+            try:
+                pred = predictor.predict_clicks(img, fg, bg, box=box, previous=previous)
+            except ValueError as e:  # e.g. a click outside an ultrasound frame's scan region
+                raise http_error(422, str(e)) from None
         if predictor.takes_previous:
             self._remember(request, fg, bg, box, version, pred.mask)
         return pred, extra
