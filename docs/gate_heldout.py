@@ -2,7 +2,7 @@
 against each model's own gate (chosen on its run's validation slice), pooled over images.
 
     OMP_NUM_THREADS=1 .venv/bin/python docs/gate_heldout.py --data work/busi-prepared \\
-        --cv work/gate-cv/s0 0 --cv work/gate-cv/s1 1 --out work/gate-heldout.json --figure docs/gate-heldout.png
+        --cv work/gate-cv/s0 0 --cv work/gate-cv/s1 1 --cv work/gate-cv/s2 2 --out work/gate-heldout.json --figure docs/gate-heldout.png
 
 Each ``--cv`` folder is a ``busi-monai cv`` output (any subset of folds trained), with the seed
 it ran with. Every fold model is run again on its own held-out fold (never trained on,
