@@ -344,6 +344,8 @@ def export_bundle(
         for cfg_name in ("inference.json", "train.json", "evaluate.json"):
             p = tmp / "configs" / cfg_name
             cfg = json.loads(p.read_text())
+            # The recipe's post-processing, as busi-monai infer applies it.
+            cfg["largest_only"] = bool(ckpt.get("recipe", {}).get("largest_component", False))
             if cfg_name != "evaluate.json":
                 cfg["network_config"] = net_cfg
                 cfg["image_size"] = image_size

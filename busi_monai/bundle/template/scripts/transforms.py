@@ -171,9 +171,10 @@ def outside_background(mask: torch.Tensor) -> torch.Tensor:
 
 
 def processed_mask(
-    mask, min_area_fraction: float = 0.001, keep_fraction: float = 0.1, fill_holes: bool = True
+    mask, min_area_fraction: float = 0.001, keep_fraction: float = 0.1, fill_holes: bool = True, largest_only: bool = False
 ) -> torch.Tensor:
-    """A 2D {0,1} mask -> the processed {0,1} uint8 mask (same shape, torch)."""
+    """A 2D {0,1} mask -> the processed {0,1} uint8 mask (same shape, torch); ``largest_only``
+    keeps the largest component alone (a recipe's ``largest_component``)."""
     full = torch.as_tensor(np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask) > 0)
     min_size = max(1, int(round(min_area_fraction * full.numel())))
     out = torch.zeros(full.shape, dtype=torch.uint8)
@@ -190,7 +191,13 @@ def processed_mask(
     # Components of at most `min_size` pixels go: MONAI RemoveSmallObjects passes min_size
     # positionally, which scikit-image >= 0.26 reads as its inclusive `max_size`.
     ids, counts = ids[counts > min_size], counts[counts > min_size]
-    if len(ids) > 1:
+    if len(ids) > 1 and largest_only:
+        # Ties go to the component reached first in raster order, as scipy's labelling does.
+        flat = torch.arange(m.numel()).view(m.shape)
+        first = torch.stack([flat[(lab == i) & m].min() for i in ids])
+        best = [j for j in range(len(ids)) if counts[j] == counts.max()]
+        ids = ids[[min(best, key=lambda j: int(first[j]))]]
+    elif len(ids) > 1:
         ids = ids[counts >= keep_fraction * counts.max()]
     m = torch.isin(lab, ids) & m
     if fill_holes and m.any():
@@ -209,9 +216,10 @@ class ProcessedMaskd(MapTransform):
         keep_fraction: float = 0.1,
         fill_holes: bool = True,
         allow_missing_keys: bool = False,
+        largest_only: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
-        self.kwargs = dict(min_area_fraction=min_area_fraction, keep_fraction=keep_fraction, fill_holes=fill_holes)
+        self.kwargs = dict(min_area_fraction=min_area_fraction, keep_fraction=keep_fraction, fill_holes=fill_holes, largest_only=largest_only)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
