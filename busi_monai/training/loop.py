@@ -37,7 +37,6 @@ from busi_monai.interactive.zoom import training_crops
 from busi_monai.model.networks import build_network, network_config, takes_previous
 from busi_monai.training import distributed
 from busi_monai.training.augmentation import augmentation
-from busi_monai.training.batchnorm import recalibrate_batch_norm
 from busi_monai.training.gate import choose_run_gate
 from busi_monai.training.graphs import GraphedStep
 from busi_monai.training.losses import make_loss
@@ -286,17 +285,6 @@ class Trainer:
             return {}
         return quick_scores(predict_cached(self.model, self.val_d.images, amp=self.amp), self.val_d.labels, self.recipe.threshold)
 
-    def precise_batch_norm(self) -> None:
-        """A click network's ``model.pt`` with its batch-norm statistics recomputed over the
-        training images as inference sees them (:mod:`busi_monai.training.batchnorm`)."""
-        ck = load_checkpoint(self.best_path)
-        net = build_network(ck["network"]).to(self.dev)
-        net.load_state_dict(ck["state_dict"])
-        recalibrate_batch_norm(net, self.train_d.images, amp=self.amp)
-        ck["state_dict"] = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-        ck["precise_batch_norm"] = len(self.train_d)
-        atomic_torch_save(ck, self.best_path)
-
     def keep_if_best(self, epoch: int, rec: dict) -> None:
         score = rec.get("val_score")
         if score is None or not math.isfinite(score):  # no validation images, or a diverged loss
@@ -359,8 +347,6 @@ class Trainer:
             writer.close()
         if not self.ranks.is_main:
             return {"rank": self.ranks.rank, "world_size": self.ranks.world_size}
-        if self.model.config.in_channels > 1 and self.best_path.is_file():
-            self.precise_batch_norm()
         # The served model's own gate, chosen on this run's validation slice (never the test split).
         gate = choose_run_gate(self.out, self.val_d, r, self.amp) if self.best_path.is_file() else {}
         validated = len(self.val_d) > 0
