@@ -24,7 +24,9 @@ def test_paper_preset_is_unchanged_field_by_field():
         "val_fraction": 0.1, "threshold": 0.5, "tta": False, "confidence_gate": 0.0,
         "optimizer": "adam", "momentum": 0.99, "poly_exponent": 0.9, "ds_weights": "exp", "sampler": "shuffle",
         "foreground_fraction": 0.33, "pad_square": False, "largest_component": False,
-        "click_free_fraction": 0.3, "click_rounds": 3, "click_sigma": 3.0,  # used by "+clicks" networks only
+        # used by "+clicks" networks only
+        "click_free_fraction": 0.3, "click_rounds": 3, "click_sigma": 3.0, "outline_first_fraction": 0.75,
+        "zoom_fraction": 0.5, "zoom_margin": 0.4, "zoom_jitter": 0.15, "zoom_min_side": 0.25,
     }  # fmt: skip
     assert paper.to_dict() == expected
     # The new fields' defaults are the earlier behaviour in every earlier preset.

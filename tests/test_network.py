@@ -68,7 +68,7 @@ def test_network_specs_switch_options():
     assert cfg.deep_supervision and cfg.encoder_channels == (16, 32, 64, 128)
     assert network_config("paper+ds-ds").deep_supervision is False
     assert network_config("half").encoder_channels == (32, 64, 128, 256)
-    for bad, message in (("fast+dropout", "unknown network option 'dropout'"), ("wide", "unknown network 'wide'")):
+    for bad, message in (("fast+wings", "unknown network option 'wings'"), ("wide", "unknown network 'wide'"), ("fast+prev", "needs +clicks")):
         try:
             network_config(bad)
         except ValueError as e:
