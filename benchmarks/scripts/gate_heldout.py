@@ -1,7 +1,7 @@
 """Held-out-fold figures of docs/gate.md: single `best` models with the recipe's fixed gate
 against each model's own gate (chosen on its run's validation slice), pooled over images.
 
-    OMP_NUM_THREADS=1 .venv/bin/python docs/gate_heldout.py --data work/busi-prepared \\
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scripts/gate_heldout.py --data work/busi-prepared \\
         --cv work/gate-cv/s0 0 --cv work/gate-cv/s1 1 --cv work/gate-cv/s2 2 --out work/gate-heldout.json --figure docs/gate-heldout.png
 
 Each ``--cv`` folder is a ``busi-monai cv`` output (any subset of folds trained), with the seed
