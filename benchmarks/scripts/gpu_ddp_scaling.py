@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # The sibling script's input checks and environment record.
-from gpu_full_cv import InputError, check_pack, environment, gpu_device
+from gpu_full_cv import InputError, check_pack, environment, gpu_device, require_monai
 
 TIMEOUT_S = 420  # per configuration
 
@@ -109,10 +109,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU check: 1 against 2 gloo workers, the fast network, 2 epochs")
     a = ap.parse_args(argv)
 
-    try:
-        import monai  # noqa: F401
-    except ImportError:
-        raise InputError("MONAI is not installed: carry .whl/monai-*.whl and `python3 -m pip install --no-deps .whl/monai-*.whl` first") from None
+    require_monai()
     import torch
 
     from busi_monai.jsonio import write_json

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # The sibling script's input checks and environment record.
-from gpu_full_cv import InputError, check_pack, environment, gpu_device
+from gpu_full_cv import InputError, check_pack, environment, gpu_device, require_monai
 
 WAYS = {"eager": {}, "compile": {"compile_model": True}, "cuda_graphs": {"cuda_graphs": True}}
 TIMEOUT_S = 240  # per way; the paper recipe took 61-97 s on an H200 with torch.compile
@@ -89,10 +89,7 @@ def main(argv=None) -> int:
         return 0
 
     # Inputs first, in seconds.
-    try:
-        import monai  # noqa: F401
-    except ImportError:
-        raise InputError("MONAI is not installed: carry .whl/monai-*.whl and `python3 -m pip install --no-deps .whl/monai-*.whl` first") from None
+    require_monai()
     from busi_monai.jsonio import write_json
 
     ways = [w for w in a.ways.split(",") if w]

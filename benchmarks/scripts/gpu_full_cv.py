@@ -108,6 +108,14 @@ def check_pack(path: Path, image_size: int | None, pad_square: bool, folds: int,
     return {"path": str(path), "bytes": path.stat().st_size, "size": size, "pad_square": packed_pad, "n_training": n_train, "n_test": n_test}
 
 
+def require_monai() -> None:
+    """The GPU image has PyTorch but not MONAI: say so in seconds, with the way to carry it."""
+    try:
+        import monai  # noqa: F401
+    except ImportError:
+        raise InputError("MONAI is not installed: carry .whl/monai-*.whl and `python3 -m pip install --no-deps .whl/monai-*.whl` first") from None
+
+
 def gpu_device(device: str, tiny: bool):
     """The device asked for: a CUDA GPU, or the CPU for a --tiny check."""
     from busi_monai.device import resolve_device
@@ -303,10 +311,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     # 1. Inputs, before anything slow. The GPU image has PyTorch but not MONAI: carry its wheel.
-    try:
-        import monai  # noqa: F401
-    except ImportError:
-        raise InputError("MONAI is not installed: carry .whl/monai-*.whl and `python3 -m pip install --no-deps .whl/monai-*.whl` first") from None
+    require_monai()
     from busi_monai.jsonio import write_json
     from busi_monai.training.recipes import Recipe, get_recipe
 
