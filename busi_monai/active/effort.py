@@ -102,10 +102,3 @@ def image_cost(
         "dice_before": float(dice[0]),
         "dice_after": float(dice[-1]),
     }
-
-
-def predictor_clicks(predictor) -> ClickPredict:
-    """A :class:`~busi_monai.inference.predictor.Predictor` as ``predict_clicks`` for
-    :func:`image_cost` (clicks in the image's own pixels)."""
-
-    return predictor.as_click_model()

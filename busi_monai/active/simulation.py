@@ -20,7 +20,6 @@ from busi_monai.active.effort import (
     TARGET_DICE,
     image_cost,
     polygon_clicks,
-    predictor_clicks,
 )
 from busi_monai.active.strategies import (
     DIVERSITY_POOL,
@@ -285,7 +284,7 @@ class Replay:
     def _label_costs(self, predictor, picked: list[int], last: dict) -> dict:
         """What the clinician spends labelling ``picked`` with the model they are shown."""
         t = time.time()
-        predict = predictor_clicks(predictor)
+        predict = predictor.as_click_model()
         st = self.settings
         costs = [image_cost(predict, *self._original(i), st.max_clicks, st.click_target, 0.5, with_previous=predictor.takes_previous) for i in picked]
         clicks = int(sum(c["cost"] for c in costs))

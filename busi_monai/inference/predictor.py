@@ -195,9 +195,7 @@ class Predictor:
         if inside is not None:
             prob = np.where(inside, prob, 0.0).astype(np.float32)
         raw = (prob > self.threshold).astype(np.uint8)
-        mask = processed_mask(raw, **self.postprocess)
-        if inside is not None:
-            mask = mask * inside
+        mask = processed_mask(raw, **self.postprocess)  # fills holes only: nothing outside the box
         # An ignored click gets a disc of about the click map's width, in the image's pixels.
         radius = max(2.0, self.click_sigma * max(region.shape) / self.image_size)
         mask = honour_clicks(mask, fg, bg, radius=radius, previous=prev, boxed=box is not None)
