@@ -3,36 +3,26 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_scripts import checked_tiny_pack, load_script  # noqa: E402
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("gpu_ddp_scaling", ROOT / "benchmarks" / "scripts" / "gpu_ddp_scaling.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("gpu_ddp_scaling")
 
 
 @pytest.mark.slow  # three launches of torch and MONAI (the launcher's two workers among them): about 55 s on 2 cores
 def test_scaling_script_tiny_end_to_end(tmp_path):
-    from busi_monai.cli import main as cli
-
     mod = _script()
-    with pytest.raises(SystemExit, match="no such pack"):
-        mod.main(["--pack", str(tmp_path / "none.npz"), "--out", str(tmp_path / "o"), "--tiny"])
-    assert cli(["synth", "--out", str(tmp_path / "busi"), "--count", "24", "--seed", "5"]) == 0
-    assert cli(["prepare", "--busi-root", str(tmp_path / "busi"), "--out", str(tmp_path / "prep"), "--test-fraction", "0.25"]) == 0
-    pack = tmp_path / "p.npz"
-    assert cli(["pack", "--data", str(tmp_path / "prep"), "--out", str(pack), "--image-size", "32"]) == 0
-    with pytest.raises(SystemExit, match="32px"):  # the paper's 256 px, refused before anything slow
-        mod.main(["--pack", str(pack), "--out", str(tmp_path / "o")])
+    pack = checked_tiny_pack(mod, tmp_path)
 
     out = tmp_path / "out"
     assert mod.main(["--pack", str(pack), "--out", str(out), "--tiny"]) == 0

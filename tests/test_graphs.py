@@ -4,9 +4,9 @@ is checked where a GPU is present; and the fresh-machine GPU script runs end to 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,9 @@ from busi_monai.training.loop import RunSettings, Trainer, TrainingError
 from busi_monai.training.optimizers import make_optimizer
 from busi_monai.training.recipes import get_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_scripts import checked_tiny_pack, load_script  # noqa: E402
 
 
 def _data(prepared_sample, size=32):
@@ -105,24 +107,12 @@ def test_on_a_gpu_the_captured_step_matches_the_eager_one():
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("gpu_fresh_train", ROOT / "benchmarks" / "scripts" / "gpu_fresh_train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("gpu_fresh_train")
 
 
 def test_fresh_machine_script_tiny_end_to_end(tmp_path):
-    from busi_monai.cli import main as cli
-
     mod = _script()
-    with pytest.raises(SystemExit, match="no such pack"):
-        mod.main(["--pack", str(tmp_path / "none.npz"), "--out", str(tmp_path / "o"), "--tiny"])
-    assert cli(["synth", "--out", str(tmp_path / "busi"), "--count", "24", "--seed", "5"]) == 0
-    assert cli(["prepare", "--busi-root", str(tmp_path / "busi"), "--out", str(tmp_path / "prep"), "--test-fraction", "0.25"]) == 0
-    pack = tmp_path / "p.npz"
-    assert cli(["pack", "--data", str(tmp_path / "prep"), "--out", str(pack), "--image-size", "32"]) == 0
-    with pytest.raises(SystemExit, match="32px"):  # the paper's 256 px, refused before anything slow
-        mod.main(["--pack", str(pack), "--out", str(tmp_path / "o")])
+    pack = checked_tiny_pack(mod, tmp_path)
     with pytest.raises(SystemExit, match="unknown way"):
         mod.main(["--pack", str(pack), "--out", str(tmp_path / "o"), "--tiny", "--ways", "eager,jit"])
     out = tmp_path / "out"
