@@ -283,30 +283,32 @@ class ClickInfer(AttentionUNetInfer):
         if not (fg or bg or box):
             # Nothing to correct with: the automatic outline, exactly what Run shows.
             pred = predictor.predict([img])[0]
-        elif not predictor.takes_previous:
-            try:
-                return predictor.predict_clicks(img, fg, bg, box=box), extra
-            except ValueError as e:
-                raise http_error(422, str(e)) from None
         else:
-            previous = self._previous(request, fg, bg, box, version)
-            extra["previous"] = "reused"
-            if previous is None or previous.shape != img.shape:
-                # Afresh: a box starts from its own outline (a box alone from nothing), as the
-                # evaluation protocol does; clicks alone correct the automatic outline.
-                if box is not None:
-                    previous = predictor.predict_clicks(img, box=box).mask if (fg or bg) else None
-                    extra["previous"] = "box" if previous is not None else "none"
-                else:
-                    previous = predictor.predict([img])[0].mask
-                    extra["previous"] = "automatic"
             try:
-                pred = predictor.predict_clicks(img, fg, bg, box=box, previous=previous)
-            except ValueError as e:  # e.g. a click outside an ultrasound frame's scan region
+                pred = self._corrected(predictor, img, request, fg, bg, box, version, extra)
+            except ValueError as e:  # e.g. a click or a box outside an ultrasound frame's scan region
                 raise http_error(422, str(e)) from None
         if predictor.takes_previous:
             self._remember(request, fg, bg, box, version, pred.mask)
         return pred, extra
+
+    def _corrected(self, predictor, img, request, fg, bg, box, version, extra: dict):
+        """The outline for these clicks and box, correcting the previous outline where the
+        network reads one; ``extra["previous"]`` says which outline that was."""
+        if not predictor.takes_previous:
+            return predictor.predict_clicks(img, fg, bg, box=box)
+        previous = self._previous(request, fg, bg, box, version)
+        extra["previous"] = "reused"
+        if previous is None or previous.shape != img.shape:
+            # Afresh: a box starts from its own outline (a box alone from nothing), as the
+            # evaluation protocol does; clicks alone correct the automatic outline.
+            if box is not None:
+                previous = predictor.predict_clicks(img, box=box).mask if (fg or bg) else None
+                extra["previous"] = "box" if previous is not None else "none"
+            else:
+                previous = predictor.predict([img])[0].mask
+                extra["previous"] = "automatic"
+        return predictor.predict_clicks(img, fg, bg, box=box, previous=previous)
 
 
 GRADCAM_LEVELS = 10
