@@ -92,7 +92,10 @@ def cmd_evaluate(a):
 
     tta = {"auto": None, "on": True, "off": False}[a.tta]
     predictor = Predictor(a.model, device=a.device, tta=tta, confidence_gate=a.confidence_gate)
-    res = evaluate(a.model, a.data, a.out, split=a.split, predictor=predictor, clicks=a.clicks, box=a.box, box_jitter=a.box_jitter, seed=a.seed)
+    automatic = Predictor(a.automatic_model, device=a.device) if a.automatic_model else None
+    res = evaluate(
+        a.model, a.data, a.out, split=a.split, predictor=predictor, clicks=a.clicks, box=a.box, box_jitter=a.box_jitter, seed=a.seed, automatic=automatic
+    )
     if "clicks" in res:
         res["clicks"] = {k: v for k, v in res["clicks"].items() if k != "per_image"}
     _print_json({k: v for k, v in res.items() if k != "per_image"})
@@ -255,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--box", action="store_true", help="click-guided models: first a box around each lesion (its bounding box, jittered); reports the box's Dice, and --clicks continue from it")
     s.add_argument("--box-jitter", type=float, default=0.0, metavar="PX", help="pixels each side of the --box may move at random (default 0)")
     s.add_argument("--seed", type=int, default=0, help="seeds the --box jitter")
+    s.add_argument("--automatic-model", metavar="PT", help="with --clicks: the clicks correct this model's outline (the automatic one) instead of the click model's own")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("infer", help="lesion masks for images, in each image's own size and geometry")

@@ -211,6 +211,33 @@ def test_evaluate_by_clicks_reports_dice_after_each_click_and_a_plot(tmp_path):
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_evaluate_by_clicks_can_start_from_another_models_automatic_outline(tmp_path):
+    from busi_monai.evaluation.evaluate import evaluate
+    from busi_monai.inference.predictor import Prediction
+
+    class SmallDiscs:  # an automatic model that outlines the inner part of each lesion
+        paths = ["small_discs.pt"]
+
+        def predict(self, images):
+            out = []
+            for im in images:
+                yy, xx = np.mgrid[: im.shape[0], : im.shape[1]]
+                centre = (40, 50) if "benign" in str(im.path) else (60, 90)
+                m = ((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= 10**2).astype(np.uint8)
+                m = m * ("normal" not in str(im.path))
+                out.append(Prediction(m.astype(np.float32), m, m))
+            return out
+
+    data = _disc_dataset(tmp_path / "busi")
+    res = evaluate(None, data, None, predictor=_stub_predictor(), clicks=2, progress=False, automatic=SmallDiscs())
+    inner = np.mean([r["dice"] for r in res["per_image"] if r["class"] != "normal"])
+    assert 0.55 < inner < 0.8 and res["lesion"]["dice"] == pytest.approx(inner), "the automatic metrics are the other model's"
+    assert res["clicks"]["dice_after"][0] == pytest.approx(inner, abs=1e-4), "the clicks start from its outline, not from the click model's empty one"
+    assert res["automatic_model"] == ["small_discs.pt"]
+    with pytest.raises(ValueError, match="automatic model"):
+        evaluate(None, data, None, predictor=_stub_predictor(), clicks=2, box=True, progress=False, automatic=SmallDiscs())
+
+
 def test_evaluate_by_clicks_needs_a_click_model(tmp_path):
     from busi_monai.evaluation.evaluate import evaluate
 

@@ -364,6 +364,30 @@ def test_the_protocol_gives_identical_results_on_two_runs():
     assert any(not c.positive for cs in a.clicks for c in cs)
 
 
+def test_clicks_correct_a_given_starting_outline():
+    # Another model's automatic outline starts the protocol: Dice after 0 clicks is its own,
+    # and the first click's request carries it as the previous outline.
+    images, truths = _lesions()
+    starts = [t.copy() for t in truths]
+    for s in starts:
+        rows = np.nonzero(s.any(axis=1))[0]
+        s[rows[len(rows) // 2] :] = False  # the upper half of each lesion
+    seen = []
+
+    def predict(image, fg, bg, previous=None):
+        seen.append(None if previous is None else previous.copy())
+        return truths[int(image[0, 0])].astype(float)
+
+    result = evaluate_clicks(predict, images, truths, max_clicks=3, with_previous=True, starts=starts)
+    expected = [dice(s, t) for s, t in zip(starts, truths)]
+    assert all(0.5 < e < 0.8 for e in expected)  # about 2/3: half the lesion
+    np.testing.assert_allclose(result.dice[:, 0], expected)
+    np.testing.assert_array_equal(result.dice[:, 1:], 1.0)
+    assert len(seen) == 3 and all(np.array_equal(p, s) for p, s in zip(seen, starts)), "each first click corrects the given outline"
+    with pytest.raises(ValueError, match="starts"):
+        evaluate_clicks(predict, images, truths, max_clicks=1, starts=starts[:1])
+
+
 def test_the_protocol_refuses_normal_images_and_wrongly_shaped_predictions():
     images, truths = _lesions()
     with pytest.raises(ValueError, match="lesion images only"):

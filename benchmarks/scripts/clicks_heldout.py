@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="the cv's seed (the folds) and the boxes' jitter")
     p.add_argument("--clicks", type=int, default=20)
     p.add_argument("--box-jitter", type=float, default=10.0)
+    p.add_argument("--automatic", metavar="PT", help="another model (e.g. best's fold model) whose outline is the automatic one; the clicks correct it")
+    p.add_argument("--no-box", action="store_true", help="skip the box runs (they do not depend on --automatic)")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
@@ -72,12 +74,14 @@ def main(argv=None) -> int:
     t0 = time.time()
     with tempfile.TemporaryDirectory() as d:
         data = heldout_dataset(a.data, a.folds, a.fold, a.seed, Path(d))
-        clicks = evaluate(model, data, None, predictor=predictor, clicks=a.clicks)
-        boxed = evaluate(model, data, None, predictor=predictor, clicks=2, box=True, box_jitter=a.box_jitter, seed=a.seed, progress=False)
-        refined = refined_automatic(predictor, data) if predictor.zoom is not None else None
+        automatic = Predictor(a.automatic, device=a.device) if a.automatic else None
+        clicks = evaluate(model, data, None, predictor=predictor, clicks=a.clicks, automatic=automatic)
+        boxed = None if a.no_box else evaluate(model, data, None, predictor=predictor, clicks=2, box=True, box_jitter=a.box_jitter, seed=a.seed, progress=False)
+        refined = refined_automatic(predictor, data) if predictor.zoom is not None and automatic is None else None
     c = {k: v for k, v in clicks["clicks"].items() if k != "per_image"}
     result = {
         "model": str(model),
+        "automatic_model": a.automatic,
         "fold": a.fold,
         "recipe": predictor.checkpoints[0].get("recipe"),
         "images": clicks["n_images"],
@@ -87,8 +91,8 @@ def main(argv=None) -> int:
         },
         "automatic_zoomed_second_pass": refined,
         "clicks": c,
-        "box": boxed["box"],
-        "box_then_clicks": boxed["clicks"]["dice_after"],
+        "box": boxed["box"] if boxed else None,
+        "box_then_clicks": boxed["clicks"]["dice_after"] if boxed else None,
         "per_image_dice_after": {r["id"]: r["dice_after"] for r in clicks["clicks"]["per_image"]},
         "seconds": round(time.time() - t0, 1),
     }

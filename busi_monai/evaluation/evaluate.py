@@ -38,6 +38,7 @@ def evaluate(
     box: bool = False,
     box_jitter: float = 0.0,
     seed: int = 0,
+    automatic: Predictor | None = None,
 ) -> dict:
     """Metrics of ``model`` on ``data``'s ``split`` (every image of a BUSI folder), written to ``out``.
 
@@ -58,12 +59,17 @@ def evaluate(
             the box's Dice).
         box_jitter: pixels each side of the box may move (uniform, deterministic by ``seed``).
         seed: seeds the boxes' jitter.
+        automatic: another model whose outline is the automatic one (as the app's
+            ``click_start automatic``): the automatic metrics are its, and the click protocol
+            starts from its outline instead of the click model's own.
     """
     predictor = predictor or Predictor(model, device=device)
     if (clicks or box) and not predictor.takes_clicks:
         raise ValueError(f"--clicks/--box need a click-guided model; {predictor.paths[0]} takes no clicks (train --preset interactive)")
     if box_jitter < 0:
         raise ValueError(f"--box-jitter {box_jitter}: must be >= 0 pixels")
+    if automatic is not None and (box or not clicks):
+        raise ValueError("an automatic model starts the click protocol: it needs --clicks and no --box")
     if source_kind(data) == "pack":
         # A pack carries the test split at full size (see `busi-monai pack --with-test-originals`).
         from busi_monai.data.packs import load_pack, load_pack_originals
@@ -82,25 +88,28 @@ def evaluate(
     for i in range(0, len(items), bs):
         chunk = items[i : i + bs]
         images = [load(it) for it in chunk]
-        preds = predictor.predict(images)
+        preds = (automatic or predictor).predict(images)
         for it, im, pr in zip(chunk, images, preds):
             truth = truth_of(it, pr.mask.shape)
             extra = {"id": it.get("id"), "class": it.get("class"), "image": it["image"]}
             records.append({**image_metrics(pr.mask, truth), **extra})
             raw_records.append({**image_metrics(pr.raw_mask, truth), **extra})
             if (clicks or box) and truth.any():
-                lesions.append((it.get("id"), im, truth))
+                lesions.append((it.get("id"), im, truth, pr.mask))
         bar.update(len(chunk))
     bar.close()
     result = summarize(records)
     raw = summarize(raw_records)
     result["raw_mask"] = {"lesion": raw["lesion"], "normal_false_positive_rate": raw["normal_false_positive_rate"], "pixel_accuracy": raw["pixel_accuracy"]}
     result["model"] = [os.path.basename(p) for p in predictor.paths]
+    if automatic is not None:
+        result["automatic_model"] = [os.path.basename(p) for p in automatic.paths]
     result["data"] = str(data)
     result["split"] = split if (Path(data) / "dataset.json").is_file() or str(data).endswith(".npz") else "all"
     if clicks or box:
-        boxes = [jittered_box(truth, box_jitter, seed + i) for i, (_, _, truth) in enumerate(lesions)] if box else None
-        res = click_results(predictor, lesions, clicks, progress, boxes)
+        boxes = [jittered_box(truth, box_jitter, seed + i) for i, (_, _, truth, _) in enumerate(lesions)] if box else None
+        starts = [start for *_, start in lesions] if automatic is not None else None
+        res = click_results(predictor, [lesion[:3] for lesion in lesions], clicks, progress, boxes, starts)
         if box:
             result["box"] = {"dice": res["dice_after"][0] if res["dice_after"] else None, "jitter_px": box_jitter, "seed": seed}
         if clicks:
@@ -129,11 +138,14 @@ def jittered_box(truth: np.ndarray, jitter: float, seed: int) -> tuple[int, int,
     return r0, c0, r1, c1
 
 
-def click_results(predictor: Predictor, lesions: list[tuple], max_clicks: int, progress: bool = True, boxes: list | None = None) -> dict:
+def click_results(
+    predictor: Predictor, lesions: list[tuple], max_clicks: int, progress: bool = True, boxes: list | None = None, starts: list | None = None
+) -> dict:
     """The click protocol on (id, image, truth) lesion images: its summary and each image's Dice
     after 0..N clicks. Clicks land on the returned mask, as the user sees it in Slicer; the
     previous mask goes back to a model that reads it, as the app keeps it. With ``boxes`` (one
-    per image), the first prediction is the box's alone and the clicks continue from it."""
+    per image), the first prediction is the box's alone and the clicks continue from it; with
+    ``starts`` (one outline per image), the clicks correct that outline."""
     if not lesions:
         return {"images": 0, "max_clicks": max_clicks, "dice_after": [], "noc_85": None, "noc_90": None, "failed_90": 0, "per_image": []}
     bar = tqdm(total=len(lesions), desc="clicks", unit="img", disable=not progress)
@@ -143,7 +155,14 @@ def click_results(predictor: Predictor, lesions: list[tuple], max_clicks: int, p
     scores = []
     for i in range(len(lesions)):  # one image at a time, for the progress bar
         res = evaluate_clicks(
-            predict, [images[i]], [truths[i]], max_clicks, threshold=0.5, boxes=[boxes[i]] if boxes else None, with_previous=predictor.takes_previous
+            predict,
+            [images[i]],
+            [truths[i]],
+            max_clicks,
+            threshold=0.5,
+            boxes=[boxes[i]] if boxes else None,
+            with_previous=predictor.takes_previous,
+            starts=[starts[i]] if starts else None,
         )
         scores.append(res.dice[0])
         rec = {"id": ids[i], "dice_after": [round(float(v), 4) for v in res.dice[0]], "clicks": [[c.row, c.col, int(c.positive)] for c in res.clicks[0]]}

@@ -75,6 +75,7 @@ def evaluate_clicks(
     allow_empty: bool = False,
     boxes: Sequence[Any] | None = None,
     with_previous: bool = False,
+    starts: Sequence[np.ndarray] | None = None,
 ) -> ClickEvaluation:
     """Run the click protocol on lesion images.
 
@@ -97,11 +98,15 @@ def evaluate_clicks(
             clicks is then the box's alone, and the clicks continue from it.
         with_previous: also pass ``previous=`` the last prediction's mask (None before the
             first), as the app keeps the last outline for the next click.
+        starts: the outline shown before any click, one per image (e.g. another model's
+            automatic outline): Dice after 0 clicks is its Dice, and the clicks correct it.
     """
     if len(images) != len(truths):
         raise ValueError(f"{len(images)} images but {len(truths)} truths")
     if boxes is not None and len(boxes) != len(truths):
         raise ValueError(f"{len(boxes)} boxes but {len(truths)} truths")
+    if starts is not None and (boxes is not None or len(starts) != len(truths)):
+        raise ValueError("starts: one outline per truth, and not with boxes (a box is itself the start)")
     if max_clicks < 0:
         raise ValueError("max_clicks must be >= 0")
     scores = np.zeros((len(truths), max_clicks + 1))
@@ -122,7 +127,9 @@ def evaluate_clicks(
                     break
                 made.append(click)
                 (fg if click.positive else bg).append((click.row, click.col))
-            if boxes is None and not with_previous:
+            if k == 0 and starts is not None:
+                prob = np.asarray(starts[i], dtype=np.float32)
+            elif boxes is None and not with_previous:
                 prob = np.asarray(predict(image, list(fg), list(bg)))
             else:
                 context: dict[str, Any] = {}
