@@ -171,3 +171,72 @@ def test_paired_click_differences_and_the_clicks_to_a_target_have_hand_computed_
     # Cumulative clicks 0, 100, 300 at Dice 0.2, 0.6, 0.8: Dice 0.7 is reached halfway between.
     assert labels_to_reach([0, 100, 300], [0.2, 0.6, 0.8], 0.7) == pytest.approx(200.0)
     assert labels_to_reach([0, 100, 300], [0.2, 0.6, 0.8], 0.9) is None
+
+
+def _effort_run(strategy, seed, dice, cum, redrawn, dice_1, dice_3, labels=(4, 7, 10)):
+    """A clicks-annotator run as al-simulate writes it: point 0 is the hand-outlined initial set."""
+    curve = [{"labels": n, "dice": d, "normal_fp": 0.0, "cumulative_clicks": c, "redrawn": r, "click_dice_1": d1, "click_dice_3": d3}
+             for n, d, c, r, d1, d3 in zip(labels, dice, cum, redrawn, dice_1, dice_3)]  # fmt: skip
+    return {"strategy": strategy, "seed": seed, "curve": curve}
+
+
+def _effort_result():
+    # Two seeds; point 0 is shared per seed (the same initial model and hand outlines).
+    runs = [
+        _effort_run("random", 0, [0.5, 0.7, 0.8], [40, 70, 110], [3, 2, 1], [0.2, 0.5, 0.6], [0.5, 0.7, 0.8]),
+        _effort_run("typiclust", 0, [0.5, 0.9, 0.9], [40, 70, 90], [3, 1, 0], [0.2, 0.6, 0.7], [None] * 3),
+        _effort_run("random", 1, [0.4, 0.5, 0.6], [30, 60, 120], [2, 0, 3], [0.4, 0.7, None], [0.7, 0.9, 1.0]),
+        _effort_run("typiclust", 1, [0.4, 0.6, 0.6], [30, 60, 106], [2, 1, 1], [0.4, 0.8, 0.9], [None] * 3),
+    ]  # fmt: skip
+    full = [{"seed": 0, "labels": 10, "dice": 0.8, "normal_fp": 0.0}, {"seed": 1, "labels": 10, "dice": 0.6, "normal_fp": 0.0}]
+    return {"config": {"annotator": "clicks", "pool_size": 10, "hand_outline_clicks": 400}, "full": full, "runs": runs}
+
+
+def test_summarize_effort_has_hand_computed_answers_on_two_seeds():
+    from busi_monai.active.simulation import summarize
+
+    s = summarize(_effort_result())
+    assert s["hand_outline_clicks"] == 400
+    assert s["target_dice"] == pytest.approx(0.665)  # 0.95 x mean(0.8, 0.6)
+    rnd, typ = s["strategies"]["random"], s["strategies"]["typiclust"]
+    # Per point, the mean over the two seeds.
+    assert rnd["cumulative_clicks_mean"] == [35.0, 65.0, 115.0]
+    assert typ["cumulative_clicks_mean"] == [35.0, 65.0, 98.0]
+    # Images redrawn in the rounds, not the initial set's hand outlines: 2+1+0+3, 1+0+1+1.
+    assert rnd["redrawn"] == 6 and typ["redrawn"] == 3
+    # Click Dice: a missing seed is left out of its point's mean; all missing: None.
+    assert rnd["click_dice_1_mean"] == pytest.approx([0.3, 0.6, 0.6])
+    assert rnd["click_dice_3_mean"] == pytest.approx([0.6, 0.8, 0.9])
+    assert typ["click_dice_1_mean"] == pytest.approx([0.3, 0.7, 0.8]) and typ["click_dice_3_mean"] is None
+    # Clicks to label the pool: the last point's; random 110, 120; typiclust 90, 106.
+    assert rnd["clicks_to_label_pool_per_seed"] == [110.0, 120.0] and rnd["clicks_to_label_pool"] == 115.0
+    assert typ["clicks_to_label_pool_per_seed"] == [90.0, 106.0] and typ["clicks_to_label_pool"] == 98.0
+    # Paired: -20 and -14: mean -17, SE |-20 - -14| / 2 = 3 (two seeds: SD |a-b|/sqrt2, over sqrt2).
+    assert typ["paired_clicks_to_label_pool_vs_random"] == {
+        "seeds": 2, "mean_difference": -17.0, "standard_error": pytest.approx(3.0), "fewer": 2, "unpaired": 0,
+    }  # fmt: skip
+    # Clicks to 95% of each seed's own all-labels Dice (0.76 for seed 0, 0.57 for seed 1):
+    #   random s0: 70 + (0.76-0.7)/(0.8-0.7) x 40 = 94;   s1: 60 + (0.57-0.5)/(0.6-0.5) x 60 = 102
+    #   typiclust s0: 40 + (0.76-0.5)/(0.9-0.5) x 30 = 59.5; s1: 30 + (0.57-0.4)/(0.6-0.4) x 30 = 55.5
+    assert rnd["clicks_to_target_per_seed"] == pytest.approx([94.0, 102.0]) and rnd["clicks_to_target"] == pytest.approx(98.0)
+    assert typ["clicks_to_target_per_seed"] == pytest.approx([59.5, 55.5]) and typ["clicks_to_target"] == pytest.approx(57.5)
+    # Paired: -34.5 and -46.5: mean -40.5, SE 6.
+    paired = typ["paired_clicks_to_target_vs_random"]
+    assert paired == {"seeds": 2, "mean_difference": pytest.approx(-40.5), "standard_error": pytest.approx(6.0), "fewer": 2, "unpaired": 0}
+    assert "paired_clicks_to_target_vs_random" not in rnd and "paired_clicks_to_label_pool_vs_random" not in rnd
+    # On the mean curves, against 0.665 (not the per-seed targets):
+    #   random: Dice 0.45, 0.6, 0.7 at 35, 65, 115 clicks: 65 + 0.065/0.1 x 50 = 97.5
+    #   typiclust: Dice 0.45, 0.75, 0.75 at 35, 65, 98: 35 + 0.215/0.3 x 30 = 56.5
+    assert rnd["clicks_to_target_mean_curve"] == pytest.approx(97.5)
+    assert typ["clicks_to_target_mean_curve"] == pytest.approx(56.5)
+
+
+def test_a_run_that_never_labelled_the_pool_is_left_out_of_the_pairing():
+    from busi_monai.active.simulation import summarize
+
+    result = _effort_result()
+    result["runs"][3]["curve"][-1]["labels"] = 9  # typiclust, seed 1: one pool image short of 10
+    typ = summarize(result)["strategies"]["typiclust"]
+    assert typ["clicks_to_label_pool_per_seed"] == [90.0, None] and typ["clicks_to_label_pool"] is None
+    # Only seed 0 pairs: 90 - 110; one seed has no standard error.
+    assert typ["paired_clicks_to_label_pool_vs_random"] == {"seeds": 1, "mean_difference": -20.0, "standard_error": None, "fewer": 1, "unpaired": 1}
