@@ -1,4 +1,6 @@
-"""Tests of busi_monai.data on the real BUSI copy (beside the repository, in ../shared/busi)."""
+"""Tests of busi_monai.data: near-duplicates and the leak-free split on a synthetic BUSI-layout
+folder with planted copies (every machine), and on the real BUSI copy where it is present
+(../shared/busi beside the repository, or BUSI_ROOT)."""
 
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ from busi_monai.data.busi import scan_busi
 from busi_monai.data.duplicates import find_duplicate_groups
 from busi_monai.data.io import read_image, read_mask
 from busi_monai.data.prepare import prepare
-from busi_monai.data.splits import group_class, grouped_stratified_split
+from busi_monai.data.splits import group_class, grouped_stratified_folds, grouped_stratified_split, validation_rows
 from busi_monai.data.studies import make_studies
+from busi_monai.data.synth import synthesize, synthesize_with_duplicates
 
 needs_busi = pytest.mark.skipif(not (BUSI / "benign").is_dir(), reason=f"real BUSI copy not found at {BUSI} (set BUSI_ROOT)")
 
@@ -30,6 +33,32 @@ def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("busi-prepared")
     summary = prepare(BUSI, out, test_fraction=0.2, seed=0, progress=False)
     return out, summary
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """18 distinct synthetic scans and 8 planted near-duplicates of 8 of them (cropped, shifted,
+    resized, JPEG, other PNG mode, brightness), lesion copies filed under the other class."""
+    root = tmp_path_factory.mktemp("planted") / "busi"
+    info = synthesize_with_duplicates(root, 18, seed=0)
+    return root, info
+
+
+@pytest.fixture(scope="module")
+def planted_prepared(planted, tmp_path_factory):
+    root, _ = planted
+    out = tmp_path_factory.mktemp("planted-prepared")
+    summary = prepare(root, out, test_fraction=0.2, seed=0, progress=False)
+    return out, summary
+
+
+def _pairs(info) -> list[tuple[str, str]]:
+    return [(d["original"], d["copy"]) for d in info["duplicates"]]
+
+
+def _straddling(pairs, side_of) -> list[tuple[str, str]]:
+    """The planted pairs whose two images are on different sides: each one a leak."""
+    return [(a, b) for a, b in pairs if side_of[a] != side_of[b]]
 
 
 @needs_busi
@@ -77,6 +106,7 @@ def test_split_keeps_groups_together_and_is_stratified(prepared):
     dl = json.loads((out / "dataset.json").read_text())
     train_groups = {e["group"] for e in dl["training"]}
     test_groups = {e["group"] for e in dl["test"]}
+    assert summary["duplicate_groups"] > 50  # without groups, the checks below pass vacuously
     assert not train_groups & test_groups
     for cls, n in summary["images_per_class"].items():
         n_test = sum(1 for e in dl["test"] if e["class"] == cls)
@@ -87,30 +117,114 @@ def test_split_keeps_groups_together_and_is_stratified(prepared):
         assert len({side[f"{i}.nii.gz"] for i in g["ids"]}) == 1
 
 
-@needs_busi
-@pytest.mark.slow  # prepares all 624 images (duplicate search included)
-def test_multi_mask_is_union_and_geometry_matches(prepared):
-    out, _ = prepared
-    label = nib.load(out / "labels" / "benign_0195.nii.gz")
-    image = nib.load(out / "images" / "benign_0195.nii.gz")
+def test_finder_groups_each_planted_copy_and_no_distinct_scans(planted, tmp_path):
+    root, info = planted
+    paths = sorted(p for p in root.rglob("*.png") if "_mask" not in p.name)
+    rel = [p.relative_to(root).as_posix() for p in paths]
+    pairs = _pairs(info)
+    # One more copy as a real JPEG file, of a scan no planted pair uses: the JPEG reader's path.
+    used = {x for pair in pairs for x in pair}
+    lone = next(r for r in rel if r not in used)
+    with Image.open(root / lone) as im:
+        im.convert("L").save(tmp_path / "copy.jpg", quality=75)
+    paths.append(tmp_path / "copy.jpg")
+    rel.append("copy.jpg")
+    pairs.append((lone, "copy.jpg"))
+    groups, links = find_duplicate_groups(paths)
+    found = {frozenset(rel[k] for k in g) for g in groups if len(g) > 1}
+    change = {frozenset(p): d["change"] for p, d in zip(pairs, info["duplicates"])}
+    missed = [change.get(frozenset(p), "jpeg file") for p in pairs if not any(set(p) <= g for g in found)]
+    assert not missed, (missed, links)
+    # The 18 originals come from 18 seeds: a group beyond the planted pairs joins distinct scans.
+    assert found == {frozenset(p) for p in pairs}, sorted(map(sorted, found - {frozenset(p) for p in pairs}))
+
+
+def test_prepare_keeps_each_planted_pair_on_one_side(planted, planted_prepared):
+    (root, info), (out, summary) = planted, planted_prepared
+    dl = json.loads((out / "dataset.json").read_text())
+    side_of = {e["source"]: s for s in ("training", "test") for e in dl[s]}
+    group_of = {e["source"]: e["group"] for s in ("training", "test") for e in dl[s]}
+    pairs = _pairs(info)
+    assert len(side_of) == summary["images"] == info["count"] == 26
+    assert [p for p in pairs if group_of[p[0]] != group_of[p[1]]] == []
+    assert _straddling(pairs, side_of) == []
+    # Both sides are used, so "on one side" is not met by putting everything in training.
+    assert {side_of[p[0]] for p in pairs} == {"training", "test"}
+    assert not {e["group"] for e in dl["training"]} & {e["group"] for e in dl["test"]}
+    dups = json.loads((out / "duplicates.json").read_text())
+    assert sorted(sorted(g["sources"]) for g in dups["groups"]) == sorted(sorted(p) for p in pairs)
+    for g in dups["groups"]:
+        assert g["side"] == side_of[g["sources"][0]]
+        assert len(g["links"]) >= 1 and all(l["detector"] in ("thumbnail", "resized", "template") for l in g["links"])
+    cross = sum(1 for a, b in pairs if a.split("/")[0] != b.split("/")[0])
+    assert summary["cross_class_duplicate_groups"] == cross >= 5
+    assert summary["duplicate_groups"] == 8 and summary["images_in_duplicate_groups"] == 16
+    for cls, n in summary["images_per_class"].items():
+        assert abs(summary["test_per_class"][cls] - 0.2 * n) <= 2, (cls, summary["test_per_class"])
+
+
+def test_every_split_of_the_prepared_items_keeps_planted_pairs_together(planted, planted_prepared):
+    """The test split for other seeds and fractions, the validation slice and the folds, all
+    from the groups prepare wrote: no planted pair is ever cut."""
+    (_, info), (out, _) = planted, planted_prepared
+    dl = json.loads((out / "dataset.json").read_text())
+    items = dl["training"] + dl["test"]
+    index = {e["source"]: k for k, e in enumerate(items)}
+    pairs = [(index[a], index[b]) for a, b in _pairs(info)]
+    groups = [[k for k, e in enumerate(items) if e["group"] == g] for g in sorted({e["group"] for e in items})]
+    classes = [e["class"] for e in items]
+    cut = []
+    for seed in range(10):
+        for fraction in (0.2, 0.5):
+            train, test = grouped_stratified_split(classes, groups, fraction, seed)
+            assert sorted(train + test) == list(range(len(items)))
+            cut += [("test", fraction, seed, p) for p in _straddling(pairs, {k: k in test for k in range(len(items))})]
+        _, val = validation_rows(items, 0.3, seed)
+        cut += [("validation", seed, p) for p in _straddling(pairs, {k: k in val for k in range(len(items))})]
+        fold_of = {k: f for f, ks in enumerate(grouped_stratified_folds(items, 3, seed)) for k in ks}
+        cut += [("folds", seed, p) for p in _straddling(pairs, fold_of)]
+    assert cut == []
+
+
+def _assert_label_is_union_of_masks(out: Path, root: Path, entry: dict) -> None:
+    label = nib.load(out / entry["label"])
+    image = nib.load(out / entry["image"])
     assert label.shape == image.shape
     np.testing.assert_allclose(label.affine, image.affine)
     lab = np.asarray(label.dataobj)
     assert lab.dtype == np.uint8 and set(np.unique(lab)) <= {0, 1}
     # nibabel gives (x, y) = (W, H); compare with the PNG masks in (H, W)
     lab_hw = lab.T if lab.ndim == 2 else lab[..., 0].T
-    masks = [read_mask(BUSI / "benign" / f"benign (195){s}.png") for s in ("_mask", "_mask_1", "_mask_2")]
+    src = root / entry["source"]
+    masks = [read_mask(p) for p in sorted(src.parent.glob(f"{src.stem}_mask*.png"))]
+    assert len(masks) == entry["n_masks"] >= 2
     union = np.maximum.reduce(masks)
     np.testing.assert_array_equal(lab_hw, union)
     assert all(union.sum() > m.sum() for m in masks)
     img_hw = np.asarray(image.dataobj).T
-    np.testing.assert_array_equal(img_hw.astype(np.float32), read_image(BUSI / "benign" / "benign (195).png").array)
+    np.testing.assert_array_equal(img_hw.astype(np.float32), read_image(src).array)
 
 
 @needs_busi
 @pytest.mark.slow  # prepares all 624 images (duplicate search included)
-def test_make_studies_from_prepared(prepared, tmp_path):
+def test_multi_mask_is_union_and_geometry_matches(prepared):
     out, _ = prepared
+    dl = json.loads((out / "dataset.json").read_text())
+    entry = next(e for e in dl["training"] + dl["test"] if e["image"] == "images/benign_0195.nii.gz")
+    assert entry["n_masks"] == 3
+    _assert_label_is_union_of_masks(out, BUSI, entry)
+
+
+def test_multi_mask_is_union_and_geometry_matches_synthetic(planted, planted_prepared):
+    (root, _), (out, _) = planted, planted_prepared
+    dl = json.loads((out / "dataset.json").read_text())
+    several = [e for e in dl["training"] + dl["test"] if e["n_masks"] > 1]
+    assert several
+    for entry in several:
+        _assert_label_is_union_of_masks(out, root, entry)
+
+
+def _check_make_studies(out: Path, tmp_path: Path) -> None:
     small = tmp_path / "small"
     (small / "images").mkdir(parents=True)
     (small / "labels").mkdir()
@@ -130,35 +244,56 @@ def test_make_studies_from_prepared(prepared, tmp_path):
         np.testing.assert_allclose(img.affine, lab.affine)
 
 
-def _numbers(cls: str, k: int) -> list[int]:
-    """The first ``k`` case numbers of ``cls`` present in the copy (some are held out)."""
-    nums = sorted(int(p.name.split("(")[1].split(")")[0]) for p in (BUSI / cls).glob(f"{cls} (*).png") if "_mask" not in p.name)
+@needs_busi
+@pytest.mark.slow  # prepares all 624 images (duplicate search included)
+def test_make_studies_from_prepared(prepared, tmp_path):
+    _check_make_studies(prepared[0], tmp_path)
+
+
+def test_make_studies_from_prepared_synthetic(planted_prepared, tmp_path):
+    _check_make_studies(planted_prepared[0], tmp_path)
+
+
+def _numbers(root: Path, cls: str, k: int) -> list[int]:
+    """The first ``k`` case numbers of ``cls`` present in ``root`` (the BUSI copy lacks some)."""
+    nums = sorted(int(p.name.split("(")[1].split(")")[0]) for p in (root / cls).glob(f"{cls} (*).png") if "_mask" not in p.name)
     return nums[:k]
 
 
-def _copy_case(dst_root: Path, cls: str, num: int):
-    for p in (BUSI / cls).glob(f"{cls} ({num})*.png"):
+def _copy_case(src_root: Path, dst_root: Path, cls: str, num: int):
+    for p in (src_root / cls).glob(f"{cls} ({num})*.png"):
         (dst_root / cls).mkdir(parents=True, exist_ok=True)
         shutil.copy(p, dst_root / cls / p.name)
 
 
-@needs_busi
-def test_bad_inputs_are_reported_and_rest_prepared(tmp_path):
+@pytest.fixture(params=["synthetic", "busi"])
+def source_root(request, tmp_path) -> Path:
+    """A BUSI-layout folder to take real files from: synthetic (every machine) or the real copy."""
+    if request.param == "busi":
+        if not (BUSI / "benign").is_dir():
+            pytest.skip(f"real BUSI copy not found at {BUSI} (set BUSI_ROOT)")
+        return BUSI
+    synthesize(tmp_path / "synthetic", 12, seed=0, size_range=(64, 96))
+    return tmp_path / "synthetic"
+
+
+def test_bad_inputs_are_reported_and_rest_prepared(source_root, tmp_path):
+    src = source_root
     root = tmp_path / "busi"
-    m1, m2 = _numbers("malignant", 2)
-    (n1,) = _numbers("normal", 1)
+    m1, m2 = _numbers(src, "malignant", 2)
+    (n1,) = _numbers(src, "normal", 1)
     for cls, num in [("benign", 1), ("benign", 2), ("benign", 3), ("malignant", m1), ("malignant", m2), ("normal", n1)]:
-        _copy_case(root, cls, num)
+        _copy_case(src, root, cls, num)
     # mask without image
-    shutil.copy(BUSI / "benign" / "benign (4)_mask.png", root / "benign" / "benign (999)_mask.png")
+    shutil.copy(src / "benign" / "benign (4)_mask.png", root / "benign" / "benign (999)_mask.png")
     # corrupt PNG
     (root / "benign" / "benign (2).png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     # mask of another size
     bad_mask = root / "malignant" / f"malignant ({m1})_mask.png"
     m = Image.open(bad_mask)
     m.resize((m.width // 2, m.height // 2)).save(bad_mask)
-    # image without mask (another real normal image, copied without its mask)
-    extra = BUSI / "normal" / f"normal ({_numbers('normal', 2)[1]}).png"
+    # image without mask (another normal image, copied without its mask)
+    extra = src / "normal" / f"normal ({_numbers(src, 'normal', 2)[1]}).png"
     shutil.copy(extra, root / "normal" / extra.name)
 
     cases, problems = scan_busi(root)
@@ -190,18 +325,30 @@ def test_bad_inputs_are_reported_and_rest_prepared(tmp_path):
     assert (tmp_path / "studies" / "labels" / "final" / "benign_0001.nii.gz").is_file()
 
 
-@needs_busi
-def test_duplicate_detection_crop_shift_resize():
+@pytest.fixture(params=["synthetic", "busi"])
+def three_scans(request, planted):
+    """A scan and two unrelated ones: synthetic (every machine) or from the real copy."""
+    if request.param == "busi":
+        if not (BUSI / "benign").is_dir():
+            pytest.skip(f"real BUSI copy not found at {BUSI} (set BUSI_ROOT)")
+        names = ["benign/benign (1).png", f"malignant/malignant ({_numbers(BUSI, 'malignant', 1)[0]}).png"]
+        names.append(f"normal/normal ({_numbers(BUSI, 'normal', 3)[2]}).png")
+        return [read_image(BUSI / n).array for n in names]
+    root, info = planted
+    used = {x for d in info["duplicates"] for x in (d["original"], d["copy"])}
+    free = [p for p in sorted(root.rglob("*).png")) if p.relative_to(root).as_posix() not in used]
+    return [read_image(next(p for p in free if p.parent.name == cls)).array for cls in ("benign", "malignant", "normal")]
+
+
+def test_duplicate_detection_crop_shift_resize(three_scans):
     from skimage.transform import resize
 
-    a = read_image(BUSI / "benign" / "benign (1).png").array
+    a, other1, other2 = three_scans
     h, w = a.shape
     crop = a[int(0.1 * h) : int(0.1 * h) + int(0.85 * h), int(0.05 * w) : int(0.05 * w) + int(0.85 * w)]
     shifted = np.zeros_like(a)
     shifted[23:, 37:] = a[:-23, :-37]
     resized = resize(a, (int(h * 0.8), int(w * 0.8)), anti_aliasing=True, preserve_range=True).astype(np.float32)
-    other1 = read_image(BUSI / "malignant" / f"malignant ({_numbers('malignant', 1)[0]}).png").array
-    other2 = read_image(BUSI / "normal" / f"normal ({_numbers('normal', 3)[2]}).png").array
     groups, links = find_duplicate_groups([a, crop, shifted, resized, other1, other2])
     assert [0, 1, 2, 3] in groups, (groups, links)
     assert [4] in groups and [5] in groups

@@ -16,13 +16,24 @@ from busi_monai.data.io import (
 )
 
 
-def test_real_busi_grayscale_rgb_and_mask_modes(busi_root):
+@pytest.fixture(params=["synthetic", "busi"])
+def busi_layout(request, tmp_path):
+    """The real copy, or a synthetic folder with the same file quirks (every machine)."""
+    if request.param == "busi":
+        return request.getfixturevalue("busi_root")
+    from busi_monai.data.synth import synthesize
+
+    synthesize(tmp_path, 20, seed=0, size_range=(48, 64))
+    return tmp_path
+
+
+def test_busi_grayscale_rgb_and_mask_modes(busi_layout):
     modes = {}
-    for path in sorted(busi_root.glob("*/*.png")):
+    for path in sorted(busi_layout.glob("*/*.png")):
         with Image.open(path) as im:
             modes.setdefault(("mask" if "_mask" in path.name else "image", im.mode), path)
     # The README's quirks: L and RGB images; 1-bit, RGB and RGBA masks.
-    assert ("image", "L") in modes and ("image", "RGB") in modes
+    assert {("image", "L"), ("image", "RGB"), ("mask", "1"), ("mask", "RGB"), ("mask", "RGBA")} <= set(modes)
     for (kind, mode), path in modes.items():
         if kind == "image":
             img = read_image(path)

@@ -176,3 +176,110 @@ def synthesize(out: str | Path, count: int, seed: int = 0, size_range: tuple[int
                     Image.fromarray(m).convert("1").save(fn)
             second += max(0, len(masks) - 1)
     return {"out": str(out), "count": count, "per_class": counts, "second_lesions": second}
+
+
+# The copies :func:`synthesize_with_duplicates` plants, one original each: the ways BUSI's own
+# near-duplicates differ (Pawlowska et al. 2023), alone and combined.
+DUPLICATE_CHANGES = (
+    "crop",  # a few pixels off every side
+    "shift",  # content moved, the uncovered strip black
+    "shrink",  # resized to 80%
+    "enlarge",  # resized to 120%
+    "jpeg",  # through a JPEG save (quality 70), stored as PNG again
+    "mode",  # the same pixels, the other PNG mode (L <-> RGB)
+    "brightness",  # gain and offset nudged
+    "crop+jpeg+brightness",
+)
+
+
+def _apply_change(change: str, img: np.ndarray, masks: list[np.ndarray], rng) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``img`` (uint8 H x W) and its masks (bool) after ``change`` (parts joined by ``+``)."""
+    import io
+
+    for part in change.split("+"):
+        h, w = img.shape
+        if part == "crop":
+            t, b, l, r = (int(v) for v in rng.integers(3, 13, size=4))
+            img, masks = img[t : h - b, l : w - r], [m[t : h - b, l : w - r] for m in masks]
+        elif part == "shift":
+            dy, dx = int(rng.integers(8, 24)), int(rng.integers(8, 24)) * int(rng.choice([-1, 1]))
+
+            def move(a):
+                out = np.zeros_like(a)
+                src = a[: h - dy, max(0, -dx) : w - max(0, dx)]
+                out[dy:, max(0, dx) : w - max(0, -dx)] = src
+                return out
+
+            img, masks = move(img), [move(m) for m in masks]
+        elif part in ("shrink", "enlarge"):
+            f = 0.8 if part == "shrink" else 1.2
+            size = (round(w * f), round(h * f))
+            img = np.asarray(Image.fromarray(img).resize(size, Image.BILINEAR))
+            masks = [np.asarray(Image.fromarray(m).resize(size, Image.NEAREST)) for m in masks]
+        elif part == "jpeg":
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, "JPEG", quality=70)
+            img = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L"))
+        elif part == "brightness":
+            gain, offset = rng.uniform(0.85, 0.95), rng.uniform(10, 20)
+            img = np.clip(img.astype(np.float64) * gain + offset, 0, 255).astype(np.uint8)
+        elif part != "mode":  # mode: the pixels stay; the writer switches L <-> RGB
+            raise ValueError(f"unknown change {part!r}; known: {DUPLICATE_CHANGES}")
+    return img, masks
+
+
+def synthesize_with_duplicates(
+    out: str | Path,
+    count: int,
+    seed: int = 0,
+    changes: tuple[str, ...] = DUPLICATE_CHANGES,
+    size_range: tuple[int, int] = (300, 340),
+) -> dict:
+    """:func:`synthesize` ``count`` distinct cases, then plant one near-duplicate copy of a
+    different original per entry of ``changes`` (see :data:`DUPLICATE_CHANGES`), as BUSI's
+    copies are: a lesion image's copy goes to the other lesion class (benign <-> malignant),
+    a normal image's stays normal; each copy is a new case number with its masks changed the
+    same way, and the PNG mode of the other file of the pair (L <-> RGB) for ``mode``.
+
+    ``size_range`` is BUSI-like (its images are at least 310 pixels high): the duplicate
+    finder verifies a match on the central 256 pixels of the overlap, and in smaller images
+    the black near-field band every synthetic scan has at its top can link unrelated ones.
+
+    Returns :func:`synthesize`'s dict with ``count`` (all images, copies included),
+    ``per_class`` updated, and ``duplicates``: a list of ``{"original", "copy", "change"}``
+    with the images' paths relative to ``out`` (e.g. ``benign/benign (3).png``).
+    """
+    if count < len(changes):
+        raise ValueError(f"count must be >= {len(changes)} (one original per change), got {count}")
+    out = Path(out)
+    info = synthesize(out, count, seed=seed, size_range=size_range)
+    per_class = dict(info["per_class"])
+    rng = np.random.default_rng([seed, 1_000_003])  # apart from the cases' own streams [seed, k]
+    originals = [(cls, num) for cls in ("benign", "malignant", "normal") for num in range(1, per_class[cls] + 1)]
+    picked = rng.choice(len(originals), size=len(changes), replace=False)
+    duplicates = []
+    for change, p in zip(changes, picked):
+        cls, num = originals[int(p)]
+        src = out / cls / f"{cls} ({num})"
+        with Image.open(f"{src}.png") as im:
+            mode = im.mode
+            img = np.asarray(im.convert("L"))
+        masks = []
+        for f in sorted(out.glob(f"{cls}/{cls} ({num})_mask*.png")):
+            with Image.open(f) as m:
+                masks.append(np.asarray(m.convert("L")) > 0)
+        img, masks = _apply_change(change, img, masks, rng)
+        to = {"benign": "malignant", "malignant": "benign"}.get(cls, cls)
+        per_class[to] += 1
+        dst = out / to / f"{to} ({per_class[to]})"
+        if ("mode" in change.split("+")) == (mode == "L"):
+            Image.fromarray(np.stack([img] * 3, axis=-1), "RGB").save(f"{dst}.png")
+        else:
+            Image.fromarray(img, "L").save(f"{dst}.png")
+        if not any(m.any() for m in masks):
+            Image.fromarray(np.zeros(img.shape + (3,), np.uint8), "RGB").save(f"{dst}_mask.png")
+        else:
+            for j, m in enumerate(masks):
+                Image.fromarray(m).convert("1").save(f"{dst}_mask.png" if j == 0 else f"{dst}_mask_{j}.png")
+        duplicates.append({"original": f"{cls}/{src.name}.png", "copy": f"{to}/{dst.name}.png", "change": change})
+    return {**info, "count": count + len(changes), "per_class": per_class, "duplicates": duplicates}
