@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import functools
 import logging
+import math
 import os
 import time
 
@@ -29,6 +30,7 @@ from busi_monai.serve import STATS_FILENAME
 logger = logging.getLogger(__name__)
 
 LOCK_FILENAME = ".train.lock"
+MAX_EPOCHS = 10000  # a Train option above it is refused: a typo, not a training anyone waits for
 
 
 def _first(v):
@@ -40,15 +42,28 @@ def _yes(v) -> bool:
 
 
 def _num(req: dict, key: str, cast, default, minimum=None, maximum=None):
-    v = _first(req.get(key))
-    if v in (None, ""):
+    """Option ``key`` of a Train request as a finite ``cast`` (int or float) within the bounds,
+    or ValueError naming it. A fraction for an integer option is refused, not cut off
+    (``int(2.5)`` would train 2 epochs), and so are true/false, NaN and infinity."""
+    raw = _first(req.get(key))
+    if raw in (None, ""):
         return default
+    shown = repr(raw) if len(repr(raw)) <= 40 else repr(raw)[:37] + "..."  # a 5000-digit number is not echoed whole
     try:
-        v = cast(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"training option {key}={req.get(key)!r}: expected a {cast.__name__}") from None
+        if isinstance(raw, bool):
+            raise ValueError
+        if cast is float or isinstance(raw, float):
+            f = float(raw)
+            if not math.isfinite(f) or (cast is int and not f.is_integer()):
+                raise ValueError
+            v = cast(f)
+        else:
+            v = int(raw)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"training option {key}={shown}: expected {'an integer' if cast is int else 'a finite number'}") from None
     if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
-        raise ValueError(f"training option {key}={v}: must lie in [{minimum}, {maximum}]")
+        bounds = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
+        raise ValueError(f"training option {key}={shown}: must be {bounds}")
     return v
 
 
@@ -134,7 +149,7 @@ class AttentionUNetTrain(TrainTask):
         if size % 16:
             raise TrainingError(f"image_size {size}: must be a multiple of 16 (the network pools four times)")
         return base.with_overrides(
-            epochs=_num(req, "max_epochs", int, base.epochs, 1),
+            epochs=_num(req, "max_epochs", int, base.epochs, 1, MAX_EPOCHS),
             batch_size=_num(req, "train_batch_size", int, base.batch_size, 1),
             learning_rate=_num(req, "learning_rate", float, base.learning_rate, 0.0),
             val_fraction=_num(req, "val_split", float, base.val_fraction, 0.0, 0.9),
