@@ -20,12 +20,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from app_server import AppServer  # noqa: E402
+from masks import assert_masks_agree, assert_outlines  # noqa: E402
 
 itk = pytest.importorskip("itk")
 pytest.importorskip("monailabel")
 
 MODEL = "attention_unet"
 PNG_ID = "dropped_png"
+# Lesion Dice asked of one image the session's model has learned (0.7-0.9 where measured, bf16
+# and fp32 training): far above an empty, full or untrained model's mask (under 0.15).
+MIN_DICE = 0.4
 
 
 def _geometry(path):
@@ -93,7 +97,7 @@ def test_info_lists_model_trainer_labels_strategies(client):
     assert info["busi"]["device"] == "cpu" and info["busi"]["model_version"]
 
 
-def test_next_sample_and_infer_nrrd_overlays_the_image(client):
+def test_next_sample_and_infer_nrrd_overlays_the_image(client, trained_model):
     sample = client.next_sample("random", {})
     assert sample["id"] in _objects(client)
     image_path = Path(sample["path"])
@@ -102,7 +106,13 @@ def test_next_sample_and_infer_nrrd_overlays_the_image(client):
     assert result and result.endswith(".nrrd"), result
     _assert_same_geometry(result, image_path)
     arr = itk.array_from_image(itk.imread(result))
-    assert set(np.unique(arr).tolist()) <= {0, 1}
+    assert set(np.unique(arr).tolist()) <= {0, 1}  # the label value Slicer maps to "lesion"
+    # The model's own mask of the image (a normal image may rightly have none).
+    from busi_monai.data.io import read_image
+    from busi_monai.inference.predictor import Predictor
+
+    local = Predictor(trained_model, device="cpu").predict([read_image(image_path)])[0]
+    assert_masks_agree(arr, local.mask, local.probability, what=f"{sample['id']}: served and Predictor")
     assert params["model_version"] and params["device"] == "cpu"
     assert params["lesion_area_px"] == int(arr.sum())
     assert params["label_names"] == {"lesion": 1}
@@ -132,7 +142,7 @@ def test_gradcam_heatmap_overlays_the_image(app, client, trained_model):
 
 def test_infer_png_in_the_datastore(app, client, trained_model):
     _, studies, _, png = app
-    from busi_monai.data.io import read_image
+    from busi_monai.data.io import read_image, read_masks_union
     from busi_monai.inference.predictor import Predictor
 
     assert PNG_ID in _objects(client)
@@ -140,11 +150,13 @@ def test_infer_png_in_the_datastore(app, client, trained_model):
     result, params = client.infer(MODEL, PNG_ID, {"result_extension": ".nrrd"})
     _assert_same_geometry(result, image)
     served = itk.array_from_image(itk.imread(result))
-    # Exactly the CLI's mask, in the same orientation (MONAI Label's writer would transpose it).
-    expected = Predictor(trained_model, device="cpu").predict([read_image(image)])[0].mask
-    assert expected.any(), "no lesion found: the comparison would be vacuous"
-    np.testing.assert_array_equal(served, expected)
-    assert params["lesion_area_px"] == int(expected.sum())
+    # The CLI's mask, in the same orientation (MONAI Label's writer would transpose it), and it
+    # outlines the lesion.
+    local = Predictor(trained_model, device="cpu").predict([read_image(image)])[0]
+    assert set(np.unique(served).tolist()) == {0, 1}
+    assert_outlines(served, read_masks_union(sorted(png.parent.glob(f"{png.stem}_mask*.png"))), MIN_DICE, what=png.name)
+    assert_masks_agree(served, local.mask, local.probability, what=f"{png.name}: served and Predictor")
+    assert params["lesion_area_px"] == int(served.sum())
     # The default result format is NIfTI, with the same geometry as well.
     result2, _ = client.infer(MODEL, PNG_ID, {})
     assert result2.endswith(".nii.gz")
@@ -180,16 +192,21 @@ def test_mc_dropout_scores_and_next_sample(client):
     assert all(np.isfinite(list(scores.values()))) and all(s >= 0 for s in scores.values())
     assert all(i["mc_dropout_passes"] == 6 for i in infos.values())
 
-    # Next Sample with the uncertainty strategy: the unlabelled image with the highest score.
+    # Next Sample with the uncertainty strategy: the unlabelled image with the highest score, of
+    # those it has not handed out in the last hour (whatever ran before on this server).
     objs = _objects(client)
+    now = time.time()
+    handed = {k for k, i in infos.items() if now - i.get("strategy", {}).get("mc_dropout", {}).get("ts", 0) < 3600}
     unlabelled = [k for k, v in objs.items() if not v["labels"].get("final")]
-    best = max(unlabelled, key=lambda k: scores[k])
+    fresh = [k for k in unlabelled if k not in handed]
+    assert len(fresh) >= 2, (len(unlabelled), handed)
+    best = max(fresh, key=lambda k: scores[k])
     res = client.next_sample("mc_dropout", {})
     assert res["id"] == best
     assert res["mc_dropout_score"] == pytest.approx(scores[best])
     # Asked again (the first one not labelled yet), it moves on to the next most uncertain.
     res2 = client.next_sample("mc_dropout", {})
-    assert res2["id"] == max((k for k in unlabelled if k != best), key=lambda k: scores[k])
+    assert res2["id"] == max((k for k in fresh if k != best), key=lambda k: scores[k])
     # TypiClust hands out unlabelled images too, one it has not handed out yet each time.
     first, second = client.next_sample("typiclust", {}), client.next_sample("typiclust", {})
     assert {first["id"], second["id"]} <= set(unlabelled) and first["id"] != second["id"]
