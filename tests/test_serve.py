@@ -60,16 +60,17 @@ def info(srv) -> dict:
 
 def train(srv, params: dict, timeout: float = 300) -> tuple[dict, int]:
     """Press Train and poll /info (as Slicer's progress display does) until the task ends;
-    returns the task and how many /info calls answered while it ran."""
+    returns the task and how many /info calls answered after /train/ said it was running."""
     r = requests.post(f"{srv.url}/train/{MODEL}", json=params, timeout=60)
     assert r.status_code == 200, r.text[:300]
     polls, deadline = 0, time.time() + timeout
     while True:
-        info(srv)
-        polls += 1
         st = requests.get(f"{srv.url}/train/", timeout=30).json()
         if st.get("status") not in ("SUBMITTED", "RUNNING"):
+            info(srv)
             return st, polls
+        info(srv)
+        polls += 1
         assert time.time() < deadline, f"training did not end in {timeout}s\n{srv.log_tail(3000)}"
         time.sleep(0.3)
 
@@ -120,10 +121,14 @@ def test_train_on_few_labels_leaves_info_answering_with_finite_figures(served, v
     figure is not defined (the lesion Dice of no lesion) and never NaN."""
     srv, _, model_dir = served
     params = TRAIN if val_split is None else {**TRAIN, "val_split": val_split}
+    version, weights = info(srv)["busi"]["model_version"], (model_dir / MODEL_FILENAME).read_bytes()
     task, polls = train(srv, params)
     assert task["status"] == "DONE", "\n".join(task.get("details", [])[-20:])
-    assert polls >= 1
+    # /info answered while the task ran (the process starts in seconds: it was seen running),
+    # and the training did train: new weights published, every epoch in its history.
+    assert polls >= 1, "the training was never seen running"
     stats = info(srv)["train_stats"][MODEL]
+    assert stats["model_version"] != version and (model_dir / MODEL_FILENAME).read_bytes() != weights
     assert stats["status"] == "DONE" and stats["n_train"] + stats["n_val"] == 10 and stats["n_val"] >= 1
     # Stratified by lesion/normal: 2 lesion images are too few to hold one out at these fractions.
     assert stats["best_val_dice"] is None
@@ -132,6 +137,7 @@ def test_train_on_few_labels_leaves_info_answering_with_finite_figures(served, v
     assert on_disk["model_version"] == stats["model_version"]
     run = model_dir / stats["run_dir"]
     history = loads_strict((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, params["max_epochs"] + 1))
     assert all(h["val_dice"] is None and 0 <= h["val_score"] <= 1 for h in history)
     loads_strict((run / "summary.json").read_text())
     assert requests.get(f"{srv.url}/model/{MODEL}", timeout=30).status_code == 200
@@ -166,10 +172,12 @@ def test_info_answers_whatever_the_stats_file_holds(sample_dir, trained_model, t
             stats_path.write_text(damaged)
             stats = info(srv)["train_stats"][MODEL]
             assert stats["status"] == "UNREADABLE" and STATS_FILENAME in stats["error"], (damaged, stats)
+        version = info(srv)["busi"]["model_version"]
         task, _ = train(srv, TRAIN)
         assert task["status"] == "DONE", "\n".join(task.get("details", [])[-20:])
         assert loads_strict(stats_path.read_text())["status"] == "DONE"
-        assert info(srv)["train_stats"][MODEL]["status"] == "DONE"
+        after = info(srv)
+        assert after["train_stats"][MODEL]["status"] == "DONE" and after["busi"]["model_version"] != version
     # And a truncated file at start-up.
     stats_path.write_text('{"name": "attention_unet", "status": "DO')
     with srv:
