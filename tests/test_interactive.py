@@ -3,6 +3,8 @@ simulators and the evaluation protocol. All fast and deterministic; coordinates 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -410,3 +412,32 @@ def test_the_plot_is_a_png_with_one_curve_per_model(tmp_path):
         path = plot_dice_vs_clicks(summaries, tmp_path / name)
         data = path.read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
+
+
+def test_the_seeds_summary_has_hand_computed_means_and_spreads(tmp_path):
+    from gpu_scripts import load_script
+
+    mod = load_script("clicks_seeds")
+
+    def metrics(auto, d, noc90, failed):
+        return {"lesion": {"dice": auto}, "lesion_missed": 1, "normal_false_positive_rate": 0.5,
+                "clicks": {"dice_after": d, "noc_85": noc90 - 1, "noc_90": noc90, "failed_90": failed, "images": 2}}  # fmt: skip
+
+    files = []
+    for i, m in enumerate([metrics(0.4, [0.4, 0.6, 0.9], 2.0, 1), metrics(0.6, [0.6, 0.8, 1.0], 1.0, 0)]):
+        files.append(tmp_path / f"s{i}.json")
+        files[-1].write_text(json.dumps(m))
+    box = []
+    for i, b in enumerate([0.7, 0.9]):
+        box.append(tmp_path / f"b{i}.json")
+        box[-1].write_text(json.dumps({"box": {"dice": b, "jitter_px": 10.0}, "clicks": {"dice_after": [b, b + 0.05, b + 0.1]}}))
+    out = tmp_path / "out"
+    assert mod.main(["--run", f"own={files[0]},{files[1]}", "--box", f"{box[0]},{box[1]}", "--out", str(out)]) == 0
+    res = json.loads((out / "seeds.json").read_text())
+    own = res["runs"]["own"]
+    # mean of (0.4, 0.6) is 0.5; the sample standard deviation sqrt(((-0.1)^2 + 0.1^2) / 1) = 0.1414
+    assert own["automatic_lesion_dice"]["mean"] == pytest.approx(0.5) and own["automatic_lesion_dice"]["sd"] == pytest.approx(0.02**0.5)
+    assert own["noc_90"] == pytest.approx({"mean": 1.5, "sd": 0.5**0.5, "min": 1.0, "max": 2.0, "n": 2})
+    assert own["mean_dice_after"] == pytest.approx([0.5, 0.7, 0.95]) and own["failed_90"]["mean"] == pytest.approx(0.5)
+    assert res["box"]["box_alone"]["mean"] == pytest.approx(0.8) and res["box"]["box_then_2"]["mean"] == pytest.approx(0.9)
+    assert (out / "dice_vs_clicks.png").read_bytes()[:4] == b"\x89PNG"
