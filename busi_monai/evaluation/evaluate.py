@@ -59,9 +59,9 @@ def evaluate(
             the box's Dice).
         box_jitter: pixels each side of the box may move (uniform, deterministic by ``seed``).
         seed: seeds the boxes' jitter.
-        automatic: another model whose outline is the automatic one (as the app's
-            ``click_start automatic``): the automatic metrics are its, and the click protocol
-            starts from its outline instead of the click model's own.
+        automatic: another model whose outline is the automatic one (what the user sees before
+            clicking): the automatic metrics are its, and the click protocol starts from its
+            outline instead of the click model's own.
     """
     predictor = predictor or Predictor(model, device=device)
     if (clicks or box) and not predictor.takes_clicks:
@@ -82,7 +82,7 @@ def evaluate(
         items = split_items(data, split)
         load = lambda it: read_image(it["image"])  # noqa: E731
         truth_of = truth_mask
-    records, raw_records, lesions = [], [], []
+    records, raw_records, lesions, starts = [], [], [], []
     bs = predictor.batch_size
     bar = tqdm(total=len(items), desc="evaluate", unit="img", disable=not progress)
     for i in range(0, len(items), bs):
@@ -95,7 +95,8 @@ def evaluate(
             records.append({**image_metrics(pr.mask, truth), **extra})
             raw_records.append({**image_metrics(pr.raw_mask, truth), **extra})
             if (clicks or box) and truth.any():
-                lesions.append((it.get("id"), im, truth, pr.mask))
+                lesions.append((it.get("id"), im, truth))
+                starts.append(pr.mask)
         bar.update(len(chunk))
     bar.close()
     result = summarize(records)
@@ -107,9 +108,8 @@ def evaluate(
     result["data"] = str(data)
     result["split"] = split if (Path(data) / "dataset.json").is_file() or str(data).endswith(".npz") else "all"
     if clicks or box:
-        boxes = [jittered_box(truth, box_jitter, seed + i) for i, (_, _, truth, _) in enumerate(lesions)] if box else None
-        starts = [start for *_, start in lesions] if automatic is not None else None
-        res = click_results(predictor, [lesion[:3] for lesion in lesions], clicks, progress, boxes, starts)
+        boxes = [jittered_box(truth, box_jitter, seed + i) for i, (_, _, truth) in enumerate(lesions)] if box else None
+        res = click_results(predictor, lesions, clicks, progress, boxes, starts if automatic is not None else None)
         if box:
             result["box"] = {"dice": res["dice_after"][0] if res["dice_after"] else None, "jitter_px": box_jitter, "seed": seed}
         if clicks:
