@@ -25,6 +25,14 @@ from pathlib import Path
 from busi_monai.serve import APP_DIR
 
 
+def import_app_lib(monkeypatch) -> None:
+    """Make the app's ``lib`` package importable in this process, as MONAI Label loads it: the
+    app folder first on sys.path and no ``lib`` module cached by an earlier test (undone after it)."""
+    monkeypatch.syspath_prepend(str(APP_DIR))
+    for m in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:
+        monkeypatch.delitem(sys.modules, m)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -238,12 +238,9 @@ def _served(predictor, version: str):
 
 
 def _import_app_lib(monkeypatch):
-    import sys
+    from app_server import import_app_lib
 
-    app_dir = str(Path(__file__).resolve().parents[1] / "apps" / "busi")
-    monkeypatch.syspath_prepend(app_dir)
-    for m in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:
-        monkeypatch.delitem(sys.modules, m)
+    import_app_lib(monkeypatch)
     pytest.importorskip("monailabel")
 
 

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from app_server import APP_DIR, AppServer  # noqa: E402
+from app_server import APP_DIR, AppServer, import_app_lib  # noqa: E402
 
 pytest.importorskip("monailabel")
 pytest.importorskip("itk")
@@ -154,9 +154,7 @@ def test_out_of_range_option_fails_the_train_names_it_and_publishes_nothing(app,
 def trainer(tmp_path, monkeypatch):
     """The app's trainer in this process (as MONAI Label's train subprocess builds it), on an
     empty model folder."""
-    monkeypatch.syspath_prepend(str(APP_DIR))
-    for m in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:
-        monkeypatch.delitem(sys.modules, m)
+    import_app_lib(monkeypatch)
     from lib.configs.attention_unet import AppSettings
     from lib.trainers.attention_unet import AttentionUNetTrain
 

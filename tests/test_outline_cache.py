@@ -126,13 +126,10 @@ def test_threads_never_see_a_half_written_cache():
 # ------------------------------------------------------------------------------------------
 @pytest.fixture
 def request_box(monkeypatch):
-    import sys
-    from pathlib import Path
+    from app_server import import_app_lib
 
     pytest.importorskip("fastapi")
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "apps" / "busi"))
-    for m in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:
-        monkeypatch.delitem(sys.modules, m)
+    import_app_lib(monkeypatch)
     pytest.importorskip("monailabel")
     from lib.infers.attention_unet import request_box
 

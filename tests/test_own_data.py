@@ -260,11 +260,9 @@ def test_datalist_keeps_its_test_list_and_classes(cases, tmp_path, capsys):
 def test_studies_folder_labelled_through_the_app(cases, tmp_path, capsys, monkeypatch):
     """Labels submitted the way the app's Submit Label stores them (its datastore), a DICOM
     dropped in beside the PNGs, and two images nobody labelled."""
-    import sys
+    from app_server import import_app_lib
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "apps" / "busi"))
-    for m in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:
-        monkeypatch.delitem(sys.modules, m)
+    import_app_lib(monkeypatch)
     from lib.datastore import BusiDatastore
 
     from busi_monai.data.studies import DATASTORE_EXTENSIONS

@@ -28,7 +28,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from app_server import APP_DIR, AppServer  # noqa: E402
+from app_server import APP_DIR, AppServer, import_app_lib  # noqa: E402
 from masks import assert_masks_agree, assert_outlines  # noqa: E402
 
 itk = pytest.importorskip("itk")
@@ -576,9 +576,7 @@ def test_killed_training_keeps_the_model_and_resumes(app, client, restores_model
 @pytest.fixture
 def app_lib(monkeypatch):
     """The app's ``lib`` package importable in this process, as MONAI Label loads it."""
-    monkeypatch.syspath_prepend(str(APP_DIR))
-    for m in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:
-        monkeypatch.delitem(sys.modules, m)
+    import_app_lib(monkeypatch)
     import lib
 
     return lib

@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from app_server import AppServer  # noqa: E402
+from app_server import AppServer, import_app_lib  # noqa: E402
 
 pytest.importorskip("monailabel")
 requests = pytest.importorskip("requests")
@@ -229,9 +229,7 @@ def test_the_default_server_offers_the_click_model_beside_the_automatic_one(tmp_
     rc, conf = _dry_run_conf(capsys, base)
     assert rc == 0 and conf["preset"] in ("paper", "fast") and "clicks" not in conf
 
-    monkeypatch.syspath_prepend(str(APP_DIR))
-    for m in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:
-        monkeypatch.delitem(sys.modules, m)
+    import_app_lib(monkeypatch)
     from lib.configs.attention_unet import AttentionUNet
     from monailabel.interfaces.tasks.infer_v2 import InferType
 
