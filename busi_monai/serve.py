@@ -36,12 +36,34 @@ SAMPLE_DATA = REPO / "sample-data"
 
 MODEL_FILENAME = "attention_unet.pt"
 STATS_FILENAME = "train_stats.json"
+AUTOMATIC_NAME = "attention_unet"
+CLICKS_NAME = "attention_unet_clicks"
+CLICKS_HOME = "clicks"  # the click network's folder inside the model folder (weights, runs, statistics)
+AUTOMATIC_CHOICES = ("separate", "shared")
 
 WARMUP_MAX_IMAGES = 200
 
 
 def default_model_dir(app_dir: str | Path = APP_DIR) -> str:
     return os.path.join(str(app_dir), "model")
+
+
+def app_networks(network: str, clicks: bool = True, automatic: str = "separate") -> dict[str, tuple[str, str]]:
+    """The networks the app trains and serves: name -> (network spec, folder inside the model
+    folder), the automatic one first.
+
+    With ``clicks`` and ``automatic`` "separate", the automatic network has no click inputs and
+    the click network beside it takes the click maps and the previous outline; "shared": one
+    click network is both; without ``clicks``, ``network`` alone."""
+    from busi_monai.model.networks import with_click_guidance, without_click_guidance
+
+    if automatic not in AUTOMATIC_CHOICES:
+        raise ValueError(f"--conf automatic {automatic!r}: choose one of {', '.join(AUTOMATIC_CHOICES)}")
+    if not clicks:
+        return {AUTOMATIC_NAME: (network, "")}
+    if automatic == "shared":
+        return {AUTOMATIC_NAME: (with_click_guidance(network), "")}
+    return {AUTOMATIC_NAME: (without_click_guidance(network), ""), CLICKS_NAME: (with_click_guidance(network), CLICKS_HOME)}
 
 
 def publish_model(src: str | Path, model_dir: str | Path) -> str:
@@ -76,15 +98,15 @@ def warm_up(
     device: str = "auto",
     max_images: int = WARMUP_MAX_IMAGES,
     clicks: bool = False,
+    automatic: str = "separate",
 ) -> dict:
-    """Train a first small model (the ``warmup`` recipe) on the studies' labelled images and publish
-    it; with ``clicks``, its network also takes clicks, the previous outline and boxes (the app's
-    click network), so the click tool works at once."""
+    """Train first small models (the ``warmup`` recipe) on the studies' labelled images and publish
+    them: the app's networks (:func:`app_networks`), so that with ``clicks`` the click tool works at
+    once too. Returns the automatic network's training summary (``networks``: each one's)."""
     import random
 
     from busi_monai.data.packs import cache_items
     from busi_monai.data.splits import split_validation
-    from busi_monai.model.networks import with_click_guidance
     from busi_monai.training.loop import TrainingError, fit
     from busi_monai.training.recipes import get_recipe
     from busi_monai.training.runs import usable_items
@@ -95,24 +117,27 @@ def warm_up(
         raise TrainingError(f"{studies}: no labelled images (labels/final) to train a first model on")
     if len(items) > max_images:
         items = random.Random(0).sample(items, max_images)
-    recipe = get_recipe(preset).with_overrides(epochs=epochs, image_size=image_size)
-    if clicks:
-        recipe = recipe.with_overrides(network=with_click_guidance(recipe.network))
-    image_size = recipe.image_size
-    train_items, val_items = split_validation(items, recipe.val_fraction, seed=0)
-    run_dir = Path(model_dir) / "runs" / "warmup"
-    print(
-        f"busi-monai serve: training a first model ({preset} preset, network {recipe.network}, {image_size}px, {recipe.epochs} epochs, {recipe.loss}) on "
-        f"{len(train_items)} labelled images, validating on {len(val_items)}",
-        flush=True,
-    )
+    base = get_recipe(preset).with_overrides(epochs=epochs, image_size=image_size)
+    image_size = base.image_size
+    train_items, val_items = split_validation(items, base.val_fraction, seed=0)
     t0 = time.time()
     train = cache_items(train_items, image_size, progress=True)
     val = cache_items(val_items, image_size, progress=True)
-    summary = fit(train, val, run_dir, preset=preset, recipe=recipe, device=device, progress=True)
-    published = publish_model(run_dir / "model.pt", model_dir)
+    summaries = {}
+    for name, (network, home) in app_networks(base.network, clicks, automatic).items():
+        recipe = base.with_overrides(network=network)
+        print(
+            f"busi-monai serve: training a first {name} ({preset} preset, network {recipe.network}, {image_size}px, {recipe.epochs} epochs, {recipe.loss}) on "
+            f"{len(train_items)} labelled images, validating on {len(val_items)}",
+            flush=True,
+        )
+        run_dir = Path(model_dir) / home / "runs" / "warmup"
+        summary = fit(train, val, run_dir, preset=preset, recipe=recipe, device=device, progress=True)
+        summary["published"] = publish_model(run_dir / "model.pt", Path(model_dir) / home)
+        summaries[name] = summary
+    summary = dict(summaries[AUTOMATIC_NAME])
     summary["warmup_time_s"] = round(time.time() - t0, 1)
-    summary["published"] = published
+    summary["networks"] = summaries
     return summary
 
 
@@ -165,8 +190,11 @@ def main(argv=None) -> int:
     if a.device != "auto":
         conf.setdefault("device", a.device)
     try:
-        # The app serves a click network unless told `--conf clicks false` (then: the preset's).
+        # The app serves a click network unless told `--conf clicks false` (then: the preset's),
+        # beside an automatic network unless told `--conf automatic shared`.
         clicks = conf_flag(conf, "clicks", True)
+        automatic = str(conf.get("automatic") or "separate")
+        app_networks("fast", clicks, automatic)
     except ValueError as e:
         print(f"busi-monai serve: {e}", file=sys.stderr)
         return 2
@@ -190,8 +218,12 @@ def main(argv=None) -> int:
         from busi_monai.training.recipes import get_recipe
 
         try:
-            clicks = clicks or takes_clicks(get_recipe(conf.get("preset") or "paper").network)
-            s = warm_up(studies, conf["model_dir"], image_size=a.warmup_size, epochs=a.warmup_epochs, device=a.device, clicks=clicks)
+            if not clicks and takes_clicks(get_recipe(conf.get("preset") or "paper").network):
+                clicks, automatic = True, "shared"  # the preset's own network takes clicks
+            s = warm_up(
+                studies, conf["model_dir"], image_size=a.warmup_size, epochs=a.warmup_epochs, device=a.device,
+                clicks=clicks, automatic=automatic,
+            )  # fmt: skip
         except TrainingError as e:
             print(f"busi-monai serve: no first model: {e}. Label some images in Slicer and press Train.", flush=True)
         else:

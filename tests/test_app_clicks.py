@@ -139,42 +139,55 @@ def test_bad_clicks_get_a_4xx_naming_the_problem_and_the_server_keeps_serving(se
 
 
 def test_a_clinicians_loop_outline_clicks_submit_train(served):
-    """Run, correct with a click, Submit Label, Train: the new weights serve the click tool."""
+    """Run, correct with a click, Submit Label, Train (Slicer's "ALL"): both networks train, the
+    automatic one serves Run and the click tool starts from its outline with the new click network."""
+    import shutil
     import time
 
     from busi_monai.model.checkpoint import load_checkpoint
     from busi_monai.serve import MODEL_FILENAME, publish_model
 
     client, image, _, root, _ = served
-    before = client.info()["busi"]["model_version"]
+    before = client.info()["busi"]
+    # Until the click network has its own weights, the click tool serves the automatic network's.
+    assert before["click_model_version"] == before["model_version"] and before["click_model_file"] == MODEL_FILENAME
     auto, _ = client.infer("attention_unet", IMAGE_ID, {"result_extension": ".nrrd"})
     assert _mask(auto).shape == (90, 160)
     clicked, _ = client.infer(CLICKS, IMAGE_ID, {"foreground": [[120, 30, 0]], "background": [], "label": "lesion", "result_extension": ".nrrd", "result_dtype": "uint8"})
     client.save_label(IMAGE_ID, clicked, tag="final")
     try:
-        task = client.train_start("attention_unet", {"max_epochs": 2, "image_size": 32, "val_split": 0.0})
-        assert task["status"] in ("SUBMITTED", "RUNNING")
+        task = client.train_start("", {"max_epochs": 2, "image_size": 32, "val_split": 0.0})
+        assert set(task) == {"attention_unet", CLICKS}, task
         deadline = time.time() + 300
         while (st := client.train_status())["status"] in ("SUBMITTED", "RUNNING"):
             assert time.time() < deadline, "training did not finish in 300 s"
             time.sleep(1)
         assert st["status"] == "DONE", st
-        after = client.info()["busi"]["model_version"]
-        assert after != before
+        info = client.info()
+        after = info["busi"]
+        assert after["model_version"] != before["model_version"] and after["click_model_version"] not in (before["click_model_version"], after["model_version"])
+        assert after["click_model_file"] == f"clicks/{MODEL_FILENAME}"
+        assert {n: info["train_stats"][n]["status"] for n in ("attention_unet", CLICKS)} == {"attention_unet": "DONE", CLICKS: "DONE"}
+        assert info["train_stats"][CLICKS]["model"] == f"clicks/{MODEL_FILENAME}"
         result, params = client.infer(CLICKS, IMAGE_ID, {"foreground": [[120, 30, 0]], "result_extension": ".nrrd"})
-        assert params["model_version"] == after and params["image_size"] == 32
+        assert params["model_version"] == after["click_model_version"] and params["automatic_model_version"] == after["model_version"]
+        assert params["image_size"] == 32 and params["previous"] == "automatic"
         assert _mask(result).shape == (90, 160)
-        # The one network for both tools: the paper's, with the click maps and the previous outline.
-        trained = load_checkpoint(root / "model" / MODEL_FILENAME)
+        # The automatic network is the paper's; the click network adds the click maps and the previous outline.
+        automatic = load_checkpoint(root / "model" / MODEL_FILENAME)
+        assert automatic["recipe"]["network"] == "paper" and automatic["network"]["in_channels"] == 1
+        trained = load_checkpoint(root / "model" / "clicks" / MODEL_FILENAME)
         assert trained["recipe"]["network"] == "paper+clicks+prev" and trained["network"]["in_channels"] == 4
-    finally:  # the other tests compare against the crafted weights
+    finally:  # the other tests compare against the crafted weights, served for both tools
         publish_model(root / "crafted.pt", root / "model")
+        shutil.rmtree(root / "model" / "clicks", ignore_errors=True)
 
 
-def _click_follower(recipe):
+def _click_follower(recipe, channels=(1,), bias: float = -10.0):
     """A click network by hand: zero weights but one path from the foreground-click map to the
     output (the first encoder, the finest skip, the last decoder, the head), so its mask is a
-    small disc around each foreground click and nothing else."""
+    small disc around each foreground click and nothing else. ``channels``: the inputs the path
+    adds up (0 the image, 1 the foreground clicks, 3 the previous outline)."""
     import torch
 
     from busi_monai.model.networks import build_network
@@ -189,12 +202,13 @@ def _click_follower(recipe):
                 m.running_var.fill_(1.0)
                 m.running_mean.zero_()
         k = net.encoders[0].conv[0].conv.weight.shape[-1] // 2
-        net.encoders[0].conv[0].conv.weight[0, 1, k, k] = 1.0  # input channel 1: foreground clicks
+        for c in channels:
+            net.encoders[0].conv[0].conv.weight[0, c, k, k] = 1.0  # input channel 1: foreground clicks
         net.encoders[0].conv[1].conv.weight[0, 0, k, k] = 1.0
         net.decoders[-1].conv[0].conv.weight[0, 0, k, k] = 1.0  # the gated skip comes first in the concat
         net.decoders[-1].conv[1].conv.weight[0, 0, k, k] = 1.0
         net.head.conv.weight[0, 0, 0, 0] = 40.0
-        net.head.conv.bias.fill_(-10.0)
+        net.head.conv.bias.fill_(bias)
     return net
 
 
@@ -221,6 +235,58 @@ def test_the_clicked_pixel_is_inside_the_returned_mask(served):
         assert not _mask(empty).any(), "no click, no outline"
     finally:
         publish_model(root / "crafted.pt", root / "model")
+
+
+def test_the_click_network_corrects_the_automatic_networks_outline(served):
+    """Two networks, as the app trains them: Run answers the automatic network's outline, and the
+    click network's first click starts from that outline (its previous-outline input), not from
+    its own click-free answer. Stand-ins: an automatic network that outlines the image's bright
+    pixels, and a click network that answers its previous outline plus a disc around each
+    foreground click."""
+    import shutil
+
+    from busi_monai.data.io import read_image
+    from busi_monai.inference.predictor import Predictor
+    from busi_monai.model.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
+    from busi_monai.serve import MODEL_FILENAME, publish_model
+    from busi_monai.training.recipes import get_recipe
+
+    _, image, _, root, _ = served
+    client = _client(served, "two-networks")
+    auto_recipe = get_recipe("fast").with_overrides(image_size=64)
+    click_recipe = get_recipe("interactive").with_overrides(image_size=64)
+    _publish(root, _click_follower(auto_recipe, channels=(0,), bias=-40 * 0.3), auto_recipe, "bright")
+    atomic_torch_save(make_checkpoint(_click_follower(click_recipe, channels=(1, 3)), click_recipe, "interactive"), root / "corrector.pt")
+    publish_model(root / "corrector.pt", root / "model" / "clicks")
+    try:
+        img = read_image(image)
+        automatic = Predictor(load_checkpoint(root / "bright.pt"), device="cpu").predict([img])[0].mask
+        corrector = Predictor(load_checkpoint(root / "corrector.pt"), device="cpu")
+        assert 0.05 < automatic.mean() < 0.6, "the stand-in automatic outline must be neither empty nor everything"
+        info = client.info()["busi"]
+        assert info["click_model_file"] == f"clicks/{MODEL_FILENAME}" and info["click_model_version"] != info["model_version"]
+
+        run, params = client.infer("attention_unet", IMAGE_ID, {"result_extension": ".nrrd"})
+        np.testing.assert_array_equal(_mask(run), automatic)
+        # A click far from the bright pixels' outline, from another client (nothing remembered).
+        fresh = _client(served, "two-networks-2")
+        result, params = fresh.infer(CLICKS, IMAGE_ID, {"foreground": [[20, 80, 0]], "background": [], "roi": [], "result_extension": ".nrrd"})
+        assert params["previous"] == "automatic" and params["model_file"] == MODEL_FILENAME
+        expected = corrector.predict_clicks(img, [(80, 20)], previous=automatic).mask
+        own = corrector.predict_clicks(img, [(80, 20)], previous=corrector.predict([img])[0].mask).mask
+        assert not np.array_equal(expected, own), "the two starting outlines must differ for this check to mean anything"
+        np.testing.assert_array_equal(_mask(result), expected)
+        assert _mask(result)[80, 20] == 1
+        # Run's answer is remembered for the click network too: the next click corrects it.
+        result, params = client.infer(CLICKS, IMAGE_ID, {"foreground": [[20, 80, 0]], "background": [], "roi": [], "result_extension": ".nrrd"})
+        assert params["previous"] == "reused"
+        np.testing.assert_array_equal(_mask(result), expected)
+        # No click and no box: the automatic network's outline, exactly what Run shows.
+        result, params = fresh.infer(CLICKS, IMAGE_ID, {"foreground": [], "background": [], "result_extension": ".nrrd"})
+        np.testing.assert_array_equal(_mask(result), automatic)
+    finally:
+        publish_model(root / "crafted.pt", root / "model")
+        shutil.rmtree(root / "model" / "clicks", ignore_errors=True)
 
 
 def _publish(root, net, recipe, name: str) -> None:

@@ -38,8 +38,8 @@ pytest.importorskip("monailabel")
 pytest.importorskip("itk")
 
 MODEL = "attention_unet"
-NETWORK = "fast+clicks+prev"  # what the app trains with --conf preset fast (clicks on by default)
-OTHER = "half+clicks+prev"  # another preset's width: its weights cannot start NETWORK
+NETWORK = "fast"  # what the app trains for Run with --conf preset fast (the click network beside it shares the code)
+OTHER = "half"  # another preset's width: its weights cannot start NETWORK
 # lr 0: the parameters stay at their starting point (batch-norm statistics still move).
 TRAIN = {"max_epochs": 1, "image_size": 32, "train_batch_size": 4, "learning_rate": 0.0, "val_split": 0.25, "seed": 0}
 ERROR_LINE = re.compile(r"^\S*(Error|Exception): (.*)$")

@@ -660,13 +660,20 @@ def test_training_lock_refuses_a_second_training(app_lib, sample_dir, trained_mo
     cfg = AttentionUNet()
     cfg.init(MODEL, str(model_dir), {"preset": "fast", "model_dir": str(model_dir)}, None, app_dir=str(APP_DIR))
     ds = LocalDatastore(str(studies), extensions=DATASTORE_EXTENSIONS, auto_reload=False)
+    trainers = cfg.trainer()
     with FileLock(str(model_dir / LOCK_FILENAME)):  # another training holds the model folder
-        with pytest.raises(TrainingError, match="another training"):
-            cfg.trainer()({"max_epochs": 1}, ds)
+        with pytest.raises(TrainingError, match="another training of attention_unet "):
+            trainers[MODEL]({"max_epochs": 1}, ds)
+        # The click network has its own folder and lock: it goes on (and fails for want of labels).
+        with pytest.raises(TrainingError, match="no labelled images"):
+            trainers["attention_unet_clicks"]({"max_epochs": 1}, ds)
+    with FileLock(str(model_dir / "clicks" / LOCK_FILENAME)):
+        with pytest.raises(TrainingError, match="another training of attention_unet_clicks "):
+            trainers["attention_unet_clicks"]({"max_epochs": 1}, ds)
     assert (model_dir / MODEL_FILENAME).read_bytes() == before
     # The lock is free again; a training that fails (no labels) says why and keeps the model.
     with pytest.raises(TrainingError, match="no labelled images"):
-        cfg.trainer()({"max_epochs": 1}, ds)
+        trainers[MODEL]({"max_epochs": 1}, ds)
     assert (model_dir / MODEL_FILENAME).read_bytes() == before
 
 

@@ -108,10 +108,14 @@ def test_serve_builds_studies_trains_a_warmup_model_and_serves_it(served):
     assert MODEL in got["models"] and got["busi"]["model_version"] and (model_dir / MODEL_FILENAME).is_file()
     assert "warm-up training took" in srv.log_tail(100000)
     # The click tool beside the automatic one, whatever the preset (here `fast`), on a warm-up
-    # model that takes clicks, the previous outline and boxes.
+    # click network that takes clicks, the previous outline and boxes; the automatic network
+    # takes the image alone.
     clicks = got["models"][CLICKS]
     assert clicks["type"] == "deepgrow" and clicks["dimension"] == 2
-    assert warm["recipe"]["network"] == "fast+clicks+prev" and warm["network"]["in_channels"] == 4
+    assert warm["recipe"]["network"] == "fast" and warm["network"]["in_channels"] == 1
+    warm_clicks = load_checkpoint(model_dir / "clicks" / "runs" / "warmup" / "model.pt")
+    assert warm_clicks["recipe"]["network"] == "fast+clicks+prev" and warm_clicks["network"]["in_channels"] == 4
+    assert got["busi"]["click_model_file"] == f"clicks/{MODEL_FILENAME}" and got["busi"]["click_model_version"] != got["busi"]["model_version"]
 
 
 @pytest.mark.parametrize("val_split", [None, 0.2], ids=["default-val-split", "val-split-0.2"])
@@ -185,8 +189,8 @@ def test_info_answers_whatever_the_stats_file_holds(sample_dir, trained_model, t
 
 
 def test_the_warm_up_model_takes_clicks_boxes_and_the_previous_outline(sample_dir, tmp_path):
-    """The first model `serve` publishes is one the click tool can use at once: clicks, the
-    previous outline and a box."""
+    """The first models `serve` publishes: an automatic network, and beside it one the click tool
+    can use at once: clicks, the previous outline and a box."""
     import numpy as np
 
     from busi_monai.data.studies import build_studies
@@ -196,7 +200,9 @@ def test_the_warm_up_model_takes_clicks_boxes_and_the_previous_outline(sample_di
 
     build_studies(sample_dir, tmp_path / "studies", label_fraction=0.5)
     warm_up(tmp_path / "studies", tmp_path / "model", image_size=32, epochs=1, device="cpu", clicks=True)
-    ck = load_checkpoint(tmp_path / "model" / MODEL_FILENAME)
+    automatic = load_checkpoint(tmp_path / "model" / MODEL_FILENAME)
+    assert automatic["network"]["in_channels"] == 1 and automatic["recipe"]["network"] == "fast"
+    ck = load_checkpoint(tmp_path / "model" / "clicks" / MODEL_FILENAME)
     assert ck["network"]["in_channels"] == 4 and ck["recipe"]["network"] == "fast+clicks+prev"
     p = Predictor(ck, device="cpu")
     assert p.takes_clicks and p.takes_previous
@@ -240,17 +246,35 @@ def test_the_default_server_offers_the_click_model_beside_the_automatic_one(tmp_
     assert infers[CLICKS].type == InferType.DEEPGROW and infers[CLICKS].dimension == 2
     assert infers[MODEL].type == InferType.SEGMENTATION
     preset = get_recipe(conf["preset"])
-    trains = task.settings.recipe
-    assert trains.network == with_click_guidance(preset.network) == f"{preset.network}+clicks+prev"
+    # Two networks, a trainer each (Slicer's Train "ALL" runs both): the automatic one on the
+    # preset's network, the click one with the click maps and the previous outline as inputs,
+    # in its own folder.
+    trainers = task.trainer()
+    assert list(trainers) == [MODEL, CLICKS]
+    automatic, click = (trainers[n].model for n in (MODEL, CLICKS))
+    assert automatic.recipe.network == preset.network and automatic.model_path == str(Path(conf["model_dir"]) / MODEL_FILENAME)
+    assert click.recipe.network == with_click_guidance(preset.network) == f"{preset.network}+clicks+prev"
+    assert click.model_path == str(Path(conf["model_dir"]) / "clicks" / MODEL_FILENAME)
     # The preset's hyperparameters stay; click simulation sits beside them.
-    assert (trains.loss, trains.learning_rate, trains.batch_size, trains.epochs, trains.image_size) == (
-        preset.loss, preset.learning_rate, preset.batch_size, preset.epochs, preset.image_size,
-    )  # fmt: skip
-    assert task.trainer().config()["image_size"] == preset.image_size
+    for trains in (automatic.recipe, click.recipe):
+        assert (trains.loss, trains.learning_rate, trains.batch_size, trains.epochs, trains.image_size) == (
+            preset.loss, preset.learning_rate, preset.batch_size, preset.epochs, preset.image_size,
+        )  # fmt: skip
+    assert trainers[CLICKS].config()["image_size"] == preset.image_size
+
+    # One network for both tools, as before the networks were separate.
+    shared = AttentionUNet()
+    shared.init(MODEL, conf["model_dir"], {**conf, "automatic": "shared"}, None, app_dir=str(APP_DIR))
+    assert list(shared.trainer()) == [MODEL] and CLICKS in shared.infer()
+    assert shared.settings.recipe.network == f"{preset.network}+clicks+prev"
+    with pytest.raises(ValueError, match="--conf automatic 'both'"):
+        AttentionUNet().init(MODEL, conf["model_dir"], {**conf, "automatic": "both"}, None, app_dir=str(APP_DIR))
+    rc, _ = _dry_run_conf(capsys, [*base, "--conf", "automatic", "both"])
+    assert rc == 2
 
     off = AttentionUNet()
     off.init(MODEL, conf["model_dir"], {**conf, "preset": "fast", "clicks": "false"}, None, app_dir=str(APP_DIR))
-    assert CLICKS not in off.infer() and off.settings.recipe.network == "fast"
+    assert CLICKS not in off.infer() and off.settings.recipe.network == "fast" and list(off.trainer()) == [MODEL]
     with pytest.raises(ValueError, match="--conf clicks 'maybe'"):
         AttentionUNet().init(MODEL, conf["model_dir"], {**conf, "clicks": "maybe"}, None, app_dir=str(APP_DIR))
     rc, _ = _dry_run_conf(capsys, [*base, "--conf", "clicks", "maybe"])

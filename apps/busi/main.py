@@ -85,7 +85,7 @@ class BusiApp(MONAILabelApp):
         return infers
 
     def init_trainers(self):
-        return {NAME: self.task.trainer()}
+        return self.task.trainer()
 
     def init_strategies(self):
         # First is Slicer's default: random, as no strategy saved a clinician's clicks against it
@@ -118,7 +118,15 @@ class BusiApp(MONAILabelApp):
             "bundle": os.path.basename(self.task.settings.bundle) if self.task.settings.bundle else None,
             "mc_passes": self.task.settings.mc_passes,
             "confidence_gate": gate,
+            # The click tool's network: its own weights, or the automatic network's until it has some.
+            "click_model_file": None,
+            "click_model_version": None,
         }
+        if self.task.settings.takes_clicks:
+            cv = self.task.click_served.version()
+            if cv is not None:
+                meta["busi"]["click_model_file"] = os.path.relpath(cv.path, self.task.settings.model_dir) if cv.source == "model" else os.path.basename(cv.path)
+                meta["busi"]["click_model_version"] = cv.version
         return _json_safe(meta, "/info")
 
     def infer(self, request, datastore=None):
@@ -160,6 +168,10 @@ class BusiApp(MONAILabelApp):
                 predictor, version = self.task.served.get()
                 predictor.predict([np.zeros((64, 64), np.float32)])
                 logger.info("attention_unet: model %s ready on %s", version.version, predictor.device)
+            if self.task.settings.takes_clicks and self.task.click_served.separate():
+                predictor, version = self.task.click_served.get()
+                predictor.predict_clicks(np.zeros((64, 64), np.float32), [(32, 32)])
+                logger.info("attention_unet_clicks: model %s ready on %s", version.version, predictor.device)
         except Exception as e:  # a warm-up failure must not stop the server; infer reports the error
             logger.warning("attention_unet: warm-up failed: %s", e)
 

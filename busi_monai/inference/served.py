@@ -162,3 +162,35 @@ class ServedModel:
                     ver.source, ver.path, ver.version, f", was {old}" if old else "", self._predictor.device,
                 )
             return self._predictor, self._version
+
+
+class ClickModels:
+    """What a click tool serves: its own network's weights where they exist (``own``), else the
+    automatic network's (``automatic``), which answer clicks when that network takes them: a model
+    folder from before the networks were separate, a bundle with click inputs, or one network
+    for both tools (``own`` None).
+
+    Args:
+        own: the click network's published weights (they may not exist yet), or None.
+        automatic: the automatic network's.
+    """
+
+    def __init__(self, own: ServedModel | None, automatic: ServedModel):
+        self.own, self.automatic = own, automatic
+
+    def source(self) -> ServedModel:
+        return self.own if self.own is not None and self.own.exists() else self.automatic
+
+    def exists(self) -> bool:
+        return self.source().exists()
+
+    def version(self) -> ModelVersion | None:
+        return self.source().version()
+
+    def get(self):
+        """``(Predictor, ModelVersion)`` of the click network served now."""
+        return self.source().get()
+
+    def separate(self) -> bool:
+        """Whether the click network is not the automatic one."""
+        return self.source() is not self.automatic

@@ -199,6 +199,15 @@ def with_click_guidance(spec: str) -> str:
     return spec + ("+prev" if cfg.in_channels == 3 else CLICK_OPTIONS)
 
 
+def without_click_guidance(spec: str) -> str:
+    """A network spec with the click model's guidance options removed: the automatic network
+    the app trains beside a click network (``fast+clicks+prev`` -> ``fast``)."""
+    import re
+
+    name, *changes = re.split(r"(?=[+-])", spec)
+    return name + "".join(c for c in changes if c[1:] not in ("clicks", "prev"))
+
+
 @runtime_checkable
 class SegmentationNetwork(Protocol):
     """What the rest of busi-monai needs of a network, so that another architecture can be added

@@ -67,13 +67,16 @@ def _file_stamp(path: str) -> tuple[int, int] | None:
 
 
 class AttentionUNetInfer(InferTask):
-    """``outlines``: where the answer is remembered as this client's outline of the image, so
-    that the click model's first click after Run corrects it without computing it again."""
+    """The automatic outline (Run). ``outlines``: where the answer is remembered as this client's
+    outline of the image, so that the click tool's first click after Run corrects it without
+    computing it again; ``clicks``: the click tool's models
+    (:class:`busi_monai.inference.served.ClickModels`), whose versions key that memory."""
 
-    def __init__(self, served, settings, labels: dict, outlines=None):
+    def __init__(self, served, settings, labels: dict, outlines=None, clicks=None):
         self.served = served
         self.settings = settings
         self.outlines = outlines
+        self.clicks = clicks
         super().__init__(
             type=InferType.SEGMENTATION,
             labels=labels,
@@ -131,9 +134,28 @@ class AttentionUNetInfer(InferTask):
     def predict(self, predictor, img, request, version) -> tuple:
         """The prediction, and what the response's params add about it."""
         pred = predictor.predict([img])[0]
-        if predictor.takes_previous:
-            self._remember(request, [], [], None, version, pred.mask)
+        memory = self._memory_version(version)
+        if memory is not None:
+            self._remember(request, [], [], None, memory, pred.mask)
         return pred, {}
+
+    def _click_network(self):
+        """The click tool's ``(Predictor, ModelVersion)``, or None when it has no loadable weights."""
+        if self.clicks is None:
+            return None
+        try:
+            return self.clicks.get()
+        except Exception as e:  # the automatic outline must not fail for the click network's sake
+            logger.warning("attention_unet: the click network is not available: %s", e)
+            return None
+
+    def _memory_version(self, version, click=None) -> str | None:
+        """What the outline memory keys on: the automatic and the click network's versions (a new
+        model of either starts afresh); None when no click network reads a previous outline."""
+        click = click or self._click_network()
+        if click is None or not click[0].takes_previous:
+            return None
+        return version.version if click[1].version == version.version else f"{version.version}+{click[1].version}"
 
     def _cache_key(self, request) -> tuple[str, str] | None:
         """(client, image) of a request; None for an upload (a temporary file, gone after it)
@@ -148,12 +170,12 @@ class AttentionUNetInfer(InferTask):
         key = self._cache_key(request)
         if key is None:
             return None
-        return self.outlines.previous(*key, fg, bg, box, version.version, stamp=_file_stamp(key[1]))
+        return self.outlines.previous(*key, fg, bg, box, version, stamp=_file_stamp(key[1]))
 
     def _remember(self, request, fg, bg, box, version, mask) -> None:
         key = self._cache_key(request)
         if key is not None:
-            self.outlines.remember(*key, fg, bg, box, version.version, mask, stamp=_file_stamp(key[1]))
+            self.outlines.remember(*key, fg, bg, box, version, mask, stamp=_file_stamp(key[1]))
 
     def __call__(self, request):
         from busi_monai.data.io import write_mask
@@ -252,20 +274,24 @@ def request_box(request: dict, shape: tuple[int, int]) -> tuple[int, int, int, i
 
 
 class ClickInfer(AttentionUNetInfer):
-    """Click-guided segmentation (a DeepGrow-type model for Slicer): the served network redraws the
+    """Click-guided segmentation (a DeepGrow-type model for Slicer): the click network redraws the
     outline around the clicks and inside Slicer's ROI box. Slicer's MONAI Label module sends
     ``foreground`` and ``background`` point lists (DeepEdit-style requests name the foreground by
-    the label, ``lesion``) and ``roi``; with no clicks and no box it is the automatic model.
+    the label, ``lesion``) and ``roi``; with no clicks and no box it answers the automatic outline.
 
     A network with the previous-outline channel corrects an outline: the last one this client
     got for this image (from Run or from this model) when the clicks extend the ones that made
-    it (``outlines``), else the automatic outline, which is what Run shows. Params say which: ``previous`` is "reused",
-    "automatic" or "none"."""
+    it (``outlines``), else the automatic network's outline, which is what Run shows. Params say
+    which: ``previous`` is "reused", "automatic", "box" or "none"."""
 
-    def __init__(self, served, settings, labels: dict, outlines=None):
+    def __init__(self, served, settings, labels: dict, outlines=None, clicks=None):
         from busi_monai.inference.outlines import OutlineCache
+        from busi_monai.inference.served import ClickModels
 
-        super().__init__(served, settings, labels, outlines if outlines is not None else OutlineCache(settings.outline_cache))
+        super().__init__(
+            served, settings, labels, outlines if outlines is not None else OutlineCache(settings.outline_cache),
+            clicks if clicks is not None else ClickModels(None, served),
+        )
         self.type = InferType.DEEPGROW
         self.description = (
             "Click-guided lesion segmentation: click inside what was missed, outside what is wrong, "
@@ -273,42 +299,59 @@ class ClickInfer(AttentionUNetInfer):
             f"(preset {settings.preset}, {settings.device_description()})"
         )
 
+    def is_valid(self) -> bool:
+        return self.served.exists() and self.clicks.exists()
+
+    def info(self):
+        i = super().info()
+        v = self.clicks.version()
+        i["model_version"] = v.version if v else None
+        return i
+
     def predict(self, predictor, img, request, version):
-        if not predictor.takes_clicks:
+        try:
+            click, click_version = self.clicks.get()
+        except ModelNotAvailable as e:
+            raise http_error(503, str(e).replace(self.settings.model_dir, "<model_dir>")) from None
+        if not click.takes_clicks:
             raise http_error(409, "the served model takes no clicks: train the app's click-guided network first (Train)")
         fg = request_points(request, "foreground", img.shape) + request_points(request, "lesion", img.shape)
         bg = request_points(request, "background", img.shape)
         box = request_box(request, img.shape)
-        extra = {"box": list(box) if box else None, "previous": "none"}
+        extra = {
+            **click_version.as_params(), "automatic_model_version": version.version, "image_size": click.image_size,
+            "box": list(box) if box else None, "previous": "none",
+        }  # fmt: skip
+        memory = self._memory_version(version, (click, click_version))
         if not (fg or bg or box):
             # Nothing to correct with: the automatic outline, exactly what Run shows.
             pred = predictor.predict([img])[0]
         else:
             try:
-                pred = self._corrected(predictor, img, request, fg, bg, box, version, extra)
+                pred = self._corrected(click, predictor, img, request, fg, bg, box, memory, extra)
             except ValueError as e:  # e.g. a click or a box outside an ultrasound frame's scan region
                 raise http_error(422, str(e)) from None
-        if predictor.takes_previous:
-            self._remember(request, fg, bg, box, version, pred.mask)
+        if memory is not None:
+            self._remember(request, fg, bg, box, memory, pred.mask)
         return pred, extra
 
-    def _corrected(self, predictor, img, request, fg, bg, box, version, extra: dict):
-        """The outline for these clicks and box, correcting the previous outline where the
-        network reads one; ``extra["previous"]`` says which outline that was."""
-        if not predictor.takes_previous:
-            return predictor.predict_clicks(img, fg, bg, box=box)
-        previous = self._previous(request, fg, bg, box, version)
+    def _corrected(self, click, automatic, img, request, fg, bg, box, memory, extra: dict):
+        """The click network's outline for these clicks and box, correcting the previous outline
+        where it reads one; ``extra["previous"]`` says which outline that was."""
+        if not click.takes_previous:
+            return click.predict_clicks(img, fg, bg, box=box)
+        previous = self._previous(request, fg, bg, box, memory)
         extra["previous"] = "reused"
         if previous is None or previous.shape != img.shape:
             # Afresh: a box starts from its own outline (a box alone from nothing), as the
             # evaluation protocol does; clicks alone correct the automatic outline.
             if box is not None:
-                previous = predictor.predict_clicks(img, box=box).mask if (fg or bg) else None
+                previous = click.predict_clicks(img, box=box).mask if (fg or bg) else None
                 extra["previous"] = "box" if previous is not None else "none"
             else:
-                previous = predictor.predict([img])[0].mask
+                previous = automatic.predict([img])[0].mask
                 extra["previous"] = "automatic"
-        return predictor.predict_clicks(img, fg, bg, box=box, previous=previous)
+        return click.predict_clicks(img, fg, bg, box=box, previous=previous)
 
 
 GRADCAM_LEVELS = 10

@@ -1,10 +1,12 @@
-"""Train task ``attention_unet``: busi_monai's ``fit`` (the paper's recipe) on the datastore's final labels.
+"""Train tasks ``attention_unet`` and ``attention_unet_clicks``: busi_monai's ``fit`` (the paper's
+recipe; for the click network, with click simulation) on the datastore's final labels.
 
 MONAI Label runs this in a subprocess (``monailabel.interfaces.utils.app -m train``), so a
-crash never takes the server down. Each run writes into ``<model_dir>/runs/<run_id>/`` and,
-only once it has finished, publishes its best weights with ``os.replace`` onto
-``<model_dir>/attention_unet.pt``; infer picks them up at its next request. A run that
-fails (no labels, unreadable files) raises with the reason and leaves the served model alone.
+crash never takes the server down. Each run writes into ``<home>/runs/<run_id>/`` (``home``: the
+model folder, or its ``clicks/`` folder for the click network) and, only once it has finished,
+publishes its best weights with ``os.replace`` onto ``<home>/attention_unet.pt``; infer picks
+them up at its next request. A run that fails (no labels, unreadable files) raises with the
+reason and leaves the served model alone.
 
 A run that was killed (server stopped, out of memory) is resumed from its ``last.pt`` by the
 next request with the same settings and labels (``resume: false`` starts afresh). One training
@@ -68,18 +70,25 @@ def _num(req: dict, key: str, cast, default, minimum=None, maximum=None):
 
 
 class AttentionUNetTrain(TrainTask):
-    def __init__(self, served, settings):
+    """Trains one of the app's networks (``model``, an ``AppModel``; default the automatic one)
+    from the served weights ``served``."""
+
+    def __init__(self, served, settings, model=None):
         from busi_monai.training.launch import choose_gpus
 
         self.served = served
         self.settings = settings
+        self.model = model or settings.automatic_model
+        from busi_monai.model.networks import takes_clicks
+
+        what = "the click network (clicks simulated from the labels)" if takes_clicks(self.model.recipe.network) else "the automatic network"
         super().__init__(
-            f"Train the paper's Attention U-Net (preset {settings.preset}: BCE, Adam with decay) on the "
+            f"Train the paper's Attention U-Net (preset {settings.preset}: BCE, Adam with decay), {what}, on the "
             f"labelled images; on {settings.device_description()}; by default {choose_gpus(settings.device)[1]}"
         )
 
     def config(self):
-        r = self.settings.recipe
+        r = self.model.recipe
         import torch
 
         devices = ["auto", "cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
@@ -108,32 +117,32 @@ class AttentionUNetTrain(TrainTask):
         connect). A missing file is no training yet; an unreadable one (truncated, corrupt, NaN
         from an older version, not an object) is reported in the log and in what is returned,
         never as an error: the next training replaces it."""
-        path = self.settings.stats_path
+        path = self.model.stats_path
         if not os.path.exists(path):
             return {}
         try:
             stats, replaced = read_json(path)
         except (OSError, ValueError) as e:
-            logger.warning("attention_unet: %s is unreadable (%s); the next training replaces it", path, e)
-            return {"name": "attention_unet", "status": "UNREADABLE", "error": f"{STATS_FILENAME} is unreadable: {type(e).__name__}"}
+            logger.warning("%s: %s is unreadable (%s); the next training replaces it", self.model.name, path, e)
+            return {"name": self.model.name, "status": "UNREADABLE", "error": f"{STATS_FILENAME} is unreadable: {type(e).__name__}"}
         if not isinstance(stats, dict):
-            logger.warning("attention_unet: %s holds a %s, not statistics; the next training replaces it", path, type(stats).__name__)
-            return {"name": "attention_unet", "status": "UNREADABLE", "error": f"{STATS_FILENAME} holds no statistics"}
+            logger.warning("%s: %s holds a %s, not statistics; the next training replaces it", self.model.name, path, type(stats).__name__)
+            return {"name": self.model.name, "status": "UNREADABLE", "error": f"{STATS_FILENAME} holds no statistics"}
         if replaced:
-            logger.warning("attention_unet: %s has non-finite number(s) at %s, shown as null", path, ", ".join(replaced[:10]))
+            logger.warning("%s: %s has non-finite number(s) at %s, shown as null", self.model.name, path, ", ".join(replaced[:10]))
             stats["warnings"] = [f"non-finite value shown as null: {k}" for k in replaced[:10]]
         return stats
 
     def __call__(self, request, datastore: Datastore):
         from busi_monai.training.loop import TrainingError
 
-        os.makedirs(self.settings.model_dir, exist_ok=True)
-        lock = FileLock(os.path.join(self.settings.model_dir, LOCK_FILENAME))
+        os.makedirs(self.model.home, exist_ok=True)
+        lock = FileLock(os.path.join(self.model.home, LOCK_FILENAME))
         try:
             lock.acquire(timeout=0)
         except Timeout:
             raise TrainingError(
-                "another training of attention_unet is running on this model folder; wait for it to finish or stop it"
+                f"another training of {self.model.name} is running on this model folder; wait for it to finish or stop it"
             ) from None
         try:  # the OS drops the lock with the process, so a killed run never blocks the next
             return self._train(request, datastore)
@@ -144,7 +153,7 @@ class AttentionUNetTrain(TrainTask):
         """The recipe a Train request asks for: the app's preset with Slicer's options applied."""
         from busi_monai.training.loop import TrainingError
 
-        base = self.settings.recipe
+        base = self.model.recipe
         size = _num(req, "image_size", int, base.image_size, 32, 2048)
         if size % 16:
             raise TrainingError(f"image_size {size}: must be a multiple of 16 (the network pools four times)")
@@ -173,11 +182,11 @@ class AttentionUNetTrain(TrainTask):
         from busi_monai.model.checkpoint import load_checkpoint
         from busi_monai.training.runs import new_run, resumable_run
 
-        found = resumable_run(self.settings.model_dir, fp) if resume else None
+        found = resumable_run(self.model.home, fp) if resume else None
         if found is None:
-            return str(new_run(self.settings.model_dir, fp)), 0
+            return str(new_run(self.model.home, fp)), 0
         resumed_from = int(load_checkpoint(found / "last.pt")["epoch"]) + 1
-        logger.info("attention_unet: resuming the interrupted run %s after epoch %d", found.name, resumed_from)
+        logger.info(f"{self.model.name}: resuming the interrupted run %s after epoch %d", found.name, resumed_from)
         (found / "init.pt").unlink(missing_ok=True)  # the killed run's starting weights, not needed now
         return str(found), resumed_from
 
@@ -189,7 +198,7 @@ class AttentionUNetTrain(TrainTask):
             return None
         init = os.path.join(run_dir, "init.pt")
         torch.save(ck, init)
-        logger.info("attention_unet: starting from the current weights (%s)", ck.get("source", "bundle"))
+        logger.info(f"{self.model.name}: starting from the current weights (%s)", ck.get("source", "bundle"))
         return init
 
     @staticmethod
@@ -213,18 +222,18 @@ class AttentionUNetTrain(TrainTask):
         if os.path.isfile(gate_json):
             record, _ = read_json(gate_json)
             write_json({**record, "confidence_gate": previous, "gate_source": source}, gate_json)
-        logger.info("attention_unet: confidence gate %.3g kept from the served model (%s)", previous, summary["gate_source"])
+        logger.info("confidence gate %.3g kept from the served model (%s)", previous, summary["gate_source"])
 
     def _train(self, request, datastore: Datastore):
         from busi_monai.data.packs import cache_items
         from busi_monai.data.splits import split_validation
-        from busi_monai.serve import MODEL_FILENAME, publish_model
+        from busi_monai.serve import publish_model
         from busi_monai.training.launch import choose_gpus, fit_on_workers
         from busi_monai.training.loop import fit
         from busi_monai.training.runs import fingerprint, prune_runs
 
         req = {**self.config(), **(request or {})}
-        logger.info("attention_unet train request: %s", {k: v for k, v in req.items() if k != "local_rank"})
+        logger.info("%s train request: %s", self.model.name, {k: v for k, v in req.items() if k != "local_rank"})
         recipe = self._recipe(req)
         seed = _num(req, "seed", int, 0)
         device = str(_first(req.get("device")) or self.settings.device)
@@ -232,7 +241,7 @@ class AttentionUNetTrain(TrainTask):
             device = "auto"  # e.g. a GPU's name, as MONAI Label's own trainers list them
         pretrained = _yes(req.get("pretrained", True))
         gpus, mode = choose_gpus(device, _yes(req.get("multi_gpu")), req.get("gpus") or "all")
-        logger.info("attention_unet: %s", mode)
+        logger.info("%s: %s", self.model.name, mode)
         items, problems = self._items(datastore)
         fp = fingerprint(self.settings.preset, recipe, seed, device, pretrained, items)
         run_dir, resumed_from = self._run_dir(fp, _yes(req.get("resume", True)))
@@ -240,7 +249,7 @@ class AttentionUNetTrain(TrainTask):
         epochs = recipe.epochs
         train_items, val_items = split_validation(items, recipe.val_fraction, seed)
         logger.info(
-            "attention_unet: training on %d labelled images (%d train, %d validation), %d epochs, batch %d, lr %g, %dpx, device %s -> runs/%s",
+            f"{self.model.name}: training on %d labelled images (%d train, %d validation), %d epochs, batch %d, lr %g, %dpx, device %s -> runs/%s",
             len(items), len(train_items), len(val_items), epochs, recipe.batch_size, recipe.learning_rate, recipe.image_size, device, run_id,
         )
         served = self.served.init_checkpoint()
@@ -248,7 +257,7 @@ class AttentionUNetTrain(TrainTask):
 
         start_ts = time.time()
         stats = {
-            "name": "attention_unet", "run_id": run_id, "start_ts": int(start_ts), "total_epochs": epochs,
+            "name": self.model.name, "run_id": run_id, "start_ts": int(start_ts), "total_epochs": epochs,
             "status": "RUNNING", "resumed_from_epoch": resumed_from,
         }  # fmt: skip
 
@@ -259,7 +268,7 @@ class AttentionUNetTrain(TrainTask):
                 val_dice=rec.get("val_dice"),
                 current_time=str(datetime.timedelta(seconds=int(time.time() - start_ts))),
             )
-            logger.info("attention_unet epoch %d/%d: %s", rec["epoch"], epochs, {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items() if k != "epoch"})
+            logger.info(f"{self.model.name} epoch %d/%d: %s", rec["epoch"], epochs, {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items() if k != "epoch"})
             write_json(stats, os.path.join(run_dir, "progress.json"))
 
         train = cache_items(train_items, recipe.image_size, progress=False, pad_square=recipe.pad_square)
@@ -272,7 +281,7 @@ class AttentionUNetTrain(TrainTask):
             os.unlink(init)
         self._keep_served_gate(run_dir, summary, served)
 
-        published = publish_model(os.path.join(run_dir, "model.pt"), self.settings.model_dir)
+        published = publish_model(os.path.join(run_dir, "model.pt"), self.model.home)
         version = self.served.version()
         total = time.time() - start_ts
         best = summary.get("best_val_dice")  # None when no validation image had a lesion
@@ -297,14 +306,14 @@ class AttentionUNetTrain(TrainTask):
             confidence_gate=summary.get("confidence_gate"),
             gate_source=summary.get("gate_source"),
             # Relative to model_dir: /info shows these, and the server's folders are not the client's business.
-            run_dir=os.path.join("runs", run_id),
-            model=MODEL_FILENAME,
+            run_dir=os.path.relpath(run_dir, self.settings.model_dir),
+            model=os.path.relpath(self.model.model_path, self.settings.model_dir),
             model_version=version.version if version else None,
             published_ts=int(time.time()),
         )
         stats.pop("current_time", None)
         write_json(stats, os.path.join(run_dir, "train_stats.json"))
-        write_json(stats, self.settings.stats_path)
-        prune_runs(self.settings.model_dir)
-        logger.info("attention_unet: published %s (version %s, best val Dice %s) in %s", published, stats["model_version"], best, stats["total_time"])
+        write_json(stats, self.model.stats_path)
+        prune_runs(self.model.home)
+        logger.info(f"{self.model.name}: published %s (version %s, best val Dice %s) in %s", published, stats["model_version"], best, stats["total_time"])
         return stats
