@@ -21,6 +21,14 @@ settings.load_profile("busi")
 _HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="busi-hypothesis-")
 set_hypothesis_home_dir(_HYPOTHESIS_HOME)
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Workers share the machine's cores: each (and the servers and CLIs it starts) gets its share.
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _threads
+    import torch
+
+    torch.set_num_threads(int(_threads))
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "sample-data"
 BUSI_ROOT = Path(os.environ.get("BUSI_ROOT", REPO.parent / "shared" / "busi" / "Dataset_BUSI_with_GT"))
@@ -77,10 +85,24 @@ def training_set(tmp_path_factory) -> Path:
     from busi_monai.data.prepare import prepare
     from busi_monai.data.synth import synthesize
 
-    root = tmp_path_factory.mktemp("training-set")
-    synthesize(root / "busi", TEST_SYNTH["count"], seed=TEST_SYNTH["seed"])
-    prepare(root / "busi", root / "prepared", test_fraction=0.25, seed=0, progress=False)
+    root, lock = _once_per_run(tmp_path_factory, "training-set")
+    with lock:
+        if not root.with_suffix(".done").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            synthesize(root / "busi", TEST_SYNTH["count"], seed=TEST_SYNTH["seed"])
+            prepare(root / "busi", root / "prepared", test_fraction=0.25, seed=0, progress=False)
+            root.with_suffix(".done").touch()
     return root / "prepared"
+
+
+def _once_per_run(tmp_path_factory, name: str) -> tuple[Path, object]:
+    """A folder shared by every worker of this pytest run (pytest-xdist), and a lock to build it
+    once: the first worker that needs it builds it, the others wait for it and reuse it."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return shared / f"shared-{name}", FileLock(str(shared / f"shared-{name}.lock"))
 
 
 @pytest.fixture(scope="session")
@@ -96,8 +118,12 @@ def trained_run(training_set, tmp_path_factory) -> Path:
     """
     from busi_monai.training.loop import train_dataset
 
-    out = tmp_path_factory.mktemp("run")
-    train_dataset(training_set, out, preset=TEST_PRESET, device="cpu", progress=False, overrides=TEST_OVERRIDES)
+    out, lock = _once_per_run(tmp_path_factory, "run")
+    with lock:
+        if not out.with_suffix(".done").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            train_dataset(training_set, out, preset=TEST_PRESET, device="cpu", progress=False, overrides=TEST_OVERRIDES)
+            out.with_suffix(".done").touch()
     return out
 
 
@@ -110,6 +136,22 @@ def trained_model(trained_run) -> Path:
 def client(app, tmp_path_factory):
     """A monailabel.client for the module's own ``app`` fixture (server, ...)."""
     return app[0].client(tmp_path_factory.mktemp("client"))
+
+
+MODEL_FIXTURES = {"trained_model", "trained_run"}
+FIRST_MODEL_FILE = "test_app.py"  # the longest file that needs the model: its worker trains it first
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """With several workers (``-n``, a file to a worker), keep them busy while the session's model
+    trains: one file that needs it goes first (its worker trains the model), then every file that
+    does not, then the other files that need it, by when the model is there to reuse."""
+    files = [item.nodeid.split("::")[0] for item in items]
+    with_model = [f for item, f in zip(items, files) if MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))]
+    first = next((f for f in with_model if f.endswith(FIRST_MODEL_FILE)), with_model[0] if with_model else None)
+    rank = {f: 0 if f == first else (2 if f in with_model else 1) for f in files}
+    order = {id(item): (rank[f], i) for i, (item, f) in enumerate(zip(items, files))}
+    items.sort(key=lambda item: order[id(item)])
 
 
 # The suite writes nothing into the repository: each session compares the untracked files

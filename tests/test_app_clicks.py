@@ -61,7 +61,8 @@ def served(tmp_path_factory):
     (root / "model").mkdir()
     atomic_torch_save(ckpt, root / "crafted.pt")
     atomic_torch_save(ckpt, root / "model" / MODEL_FILENAME)
-    srv = AppServer(studies, root / "model", workdir=root / "server", conf={"device": "cpu"})
+    # Scoring off: no Monte Carlo subprocess after each Train; these tests are about clicks.
+    srv = AppServer(studies, root / "model", workdir=root / "server", conf={"device": "cpu"}, env={"MONAI_LABEL_TASKS_SCORING": "false"})
     srv.start()
     try:
         yield srv.client(), image, ckpt, root, srv

@@ -146,7 +146,8 @@ def gate_app(crafted, trained_model):
     # The served model: the session's, with a gate of its own before any Train.
     torch.save(load_checkpoint(trained_model), model_dir / MODEL_FILENAME)
     set_checkpoint_gate(model_dir / MODEL_FILENAME, SERVED_GATE, "test")
-    srv = AppServer(studies, model_dir, workdir=root / "server", conf={"preset": "best", "image_size": SIZE, "device": "cpu"})
+    srv = AppServer(studies, model_dir, workdir=root / "server", conf={"preset": "best", "image_size": SIZE, "device": "cpu"},
+                    env={"MONAI_LABEL_TASKS_SCORING": "false"})  # fmt: skip
     srv.start()
     try:
         yield srv, model_dir, made

@@ -41,7 +41,9 @@ def test_graphed_training_learns_as_the_plain_loop_does(prepared_sample, tmp_pat
         trainer.run()
         histories[graphs] = json.loads((tmp_path / str(graphs) / "history.json").read_text())
     plain, graphed = histories[False], histories[True]
-    assert [h["loss"] for h in graphed] == pytest.approx([h["loss"] for h in plain], rel=1e-4)
+    # The same steps; the tensor learning rate takes another float path, whose rounding depends
+    # on the thread count (1.4e-4 apart after three epochs in one thread): 1e-3, not exactness.
+    assert [h["loss"] for h in graphed] == pytest.approx([h["loss"] for h in plain], rel=1e-3)
     assert [h["lr"] for h in graphed] == pytest.approx([h["lr"] for h in plain], rel=1e-6)
     assert graphed[-1]["lr"] < graphed[0]["lr"]
     # The schedule filled the graph's learning-rate tensor in place: a graph reads that tensor.

@@ -298,7 +298,8 @@ def test_studies_folder_labelled_through_the_app(cases, tmp_path, capsys, monkey
     from busi_monai.serve import publish_model
 
     publish_model(tmp_path / "run" / "model.pt", tmp_path / "model")
-    with AppServer(studies, tmp_path / "model", workdir=tmp_path / "server", conf={"preset": "fast", "device": "cpu"}) as srv:
+    with AppServer(studies, tmp_path / "model", workdir=tmp_path / "server", conf={"preset": "fast", "device": "cpu"},
+                   env={"MONAI_LABEL_TASKS_SCORING": "false"}) as srv:  # fmt: skip
         result, _ = srv.client(tmp_path / "client").infer("attention_unet", cases[0][0], {"result_extension": ".nii.gz"})
     served = read_image(result)
     assert served.shape == shapes[cases[0][0]] and served.spacing == pytest.approx((0.08, 0.08))
