@@ -1,11 +1,13 @@
 """Round trip of a click through the real MONAI Label server, as Slicer makes it.
 
-    python benchmarks/scripts/click_latency.py --model RUN/model.pt --images DIR --out click_latency.json
+    python benchmarks/scripts/click_latency.py --model RUN/model.pt [--automatic-model BEST.pt] --images DIR --out click_latency.json
 
 Starts the app (preset ``interactive``) on a studies folder holding the images of DIR, then
 times, with ``monailabel.client``, what a clinician sends for each image: Run, five clicks
-that extend each other (the server corrects its last outline, zooming in), a box alone and a
-box with a click.
+that extend each other (the server corrects its last outline, zooming in), a box alone, a box
+with a click, and another client's first click (no outline remembered: it computes the
+automatic one first). With ``--automatic-model`` the app serves two networks, as it does by
+default: that one for Run, the click network beside it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from busi_monai.data.io import read_image  # noqa: E402
 from busi_monai.jsonio import write_json  # noqa: E402
-from busi_monai.serve import publish_model  # noqa: E402
+from busi_monai.serve import CLICKS_HOME, publish_model  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -41,6 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--reps", type=int, default=10, help="images worked (each: Run, 5 clicks, a box, a box and a click)")
     p.add_argument("--n-images", type=int, default=5)
+    p.add_argument("--automatic-model", default=None, help="the automatic network Run serves (default: the click model's own outline)")
     a = p.parse_args(argv)
     images = sorted(f for f in Path(a.images).glob("*.png") if "_mask" not in f.name)[: a.n_images]
     if not Path(a.model).is_file() or not images:
@@ -55,13 +58,18 @@ def main(argv=None) -> int:
     for i, f in enumerate(images):
         shutil.copy(f, studies / f"img{i}.png")
         ids.append((f"img{i}", read_image(f).shape))
-    publish_model(a.model, model_dir)
+    if a.automatic_model:
+        publish_model(a.automatic_model, model_dir)
+        publish_model(a.model, model_dir / CLICKS_HOME)
+    else:
+        publish_model(a.model, model_dir)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(work / "server.log", "w")
     cmd = [sys.executable, "-m", "busi_monai.serve", "--studies", str(studies), "--port", str(port), "--preset", "interactive",
-           "--no-warmup", "--model-dir", str(model_dir), "--device", "cpu"]  # fmt: skip
+           "--no-warmup", "--model-dir", str(model_dir), "--device", "cpu",
+           "--conf", "automatic", "separate" if a.automatic_model else "shared"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         url = f"http://127.0.0.1:{port}"
@@ -73,11 +81,11 @@ def main(argv=None) -> int:
                 time.sleep(0.5)
         client = MONAILabelClient(url, tmpdir=str(work), client_id="latency")
         rng = np.random.default_rng(0)
-        times: dict[str, list[float]] = {"run": [], "first_click": [], "next_click": [], "box": [], "box_and_click": []}
+        times: dict[str, list[float]] = {"run": [], "first_click": [], "next_click": [], "box": [], "box_and_click": [], "first_click_without_run": []}
 
-        def timed(kind, model, image_id, params):
+        def timed(kind, model, image_id, params, by=client):
             t = time.perf_counter()
-            _, out = client.infer(model, image_id, {**params, "result_extension": ".nrrd"})
+            _, out = by.infer(model, image_id, {**params, "result_extension": ".nrrd"})
             if kind:
                 times[kind].append(1000 * (time.perf_counter() - t))
             return out
@@ -96,11 +104,14 @@ def main(argv=None) -> int:
             roi = [x0, x0 + w // 3, y0, y0 + h // 3, 0, 0]
             timed("box", "attention_unet_clicks", image_id, {"foreground": [], "background": [], "roi": roi})
             timed("box_and_click", "attention_unet_clicks", image_id, {"foreground": [[x0 + w // 6, y0 + h // 6, 0]], "background": [], "roi": roi})
+            fresh = MONAILabelClient(url, tmpdir=str(work), client_id=f"latency-{r}")
+            timed("first_click_without_run", "attention_unet_clicks", image_id, {"foreground": fg[:1], "background": []}, by=fresh)
         summary = {k: {"n": len(v), "mean_ms": statistics.mean(v), "median_ms": statistics.median(v), "max_ms": max(v)} for k, v in times.items() if v}
-        clicks = times["first_click"] + times["next_click"]
+        clicks = times["first_click"] + times["next_click"] + times["first_click_without_run"]
         res = {
             "what": "round trips through monailabel.client as Slicer makes them: Run, five extending clicks, a box, a box and a click, per image, after one warm-up",
-            "model": os.path.basename(a.model), "image_shapes": [list(s) for _, s in ids], "reps": a.reps,
+            "model": os.path.basename(a.model), "automatic_model": os.path.basename(a.automatic_model) if a.automatic_model else None,
+            "image_shapes": [list(s) for _, s in ids], "reps": a.reps,
             "click_mean_ms": statistics.mean(clicks), "click_median_ms": statistics.median(clicks), "click_max_ms": max(clicks),
             "last_previous": out.get("previous") if isinstance(out, dict) else None,
             "by_request": summary,
