@@ -227,13 +227,11 @@ def main(argv=None) -> int:
         except TrainingError as e:
             print(f"busi-monai serve: no first model: {e}. Label some images in Slicer and press Train.", flush=True)
         else:
-            dice = s.get("best_val_dice")
-            print(
-                f"busi-monai serve: warm-up training took {s['warmup_time_s']:.1f}s on {s['device']} "
-                f"(validation Dice {dice:.3f}); model published at {s['published']}" if dice is not None else
-                f"busi-monai serve: warm-up training took {s['warmup_time_s']:.1f}s on {s['device']}; model at {s['published']}",
-                flush=True,
-            )
+            print(f"busi-monai serve: warm-up training took {s['warmup_time_s']:.1f}s on {s['device']}", flush=True)
+            for name, n in s["networks"].items():
+                dice = n.get("best_val_dice")  # None: no lesion in the validation slice
+                shown = f"validation Dice {dice:.3f} without clicks" if dice is not None else "no lesion to validate on"
+                print(f"busi-monai serve: {name}: {shown}; published at {n['published']}", flush=True)
 
     cmd = [
         sys.executable, "-m", "monailabel.main", "start_server",

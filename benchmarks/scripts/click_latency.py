@@ -109,7 +109,8 @@ def main(argv=None) -> int:
         summary = {k: {"n": len(v), "mean_ms": statistics.mean(v), "median_ms": statistics.median(v), "max_ms": max(v)} for k, v in times.items() if v}
         clicks = times["first_click"] + times["next_click"] + times["first_click_without_run"]
         res = {
-            "what": "round trips through monailabel.client as Slicer makes them: Run, five extending clicks, a box, a box and a click, per image, after one warm-up",
+            "what": "round trips through monailabel.client as Slicer makes them: Run, five extending clicks, a box, a box and a click, and another client's first click, per image, after one warm-up",
+            "networks": "two: the automatic one for Run, the click network beside it" if a.automatic_model else "one for both tools",
             "model": os.path.basename(a.model), "automatic_model": os.path.basename(a.automatic_model) if a.automatic_model else None,
             "image_shapes": [list(s) for _, s in ids], "reps": a.reps,
             "click_mean_ms": statistics.mean(clicks), "click_median_ms": statistics.median(clicks), "click_max_ms": max(clicks),
