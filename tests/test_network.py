@@ -139,3 +139,31 @@ def test_flip_averaging_has_a_known_answer_with_an_asymmetric_network():
     torch.testing.assert_close(p, (own + own.flip(0)) / 2, atol=1e-5, rtol=0)
     plain = torch.sigmoid(AveragedNetwork([_Ramp(NetworkConfig())], flips=False).forward_ungated(x))[0, 0, 0]
     torch.testing.assert_close(plain, own, atol=1e-5, rtol=0)
+
+
+def test_instance_norm_makes_an_image_s_output_independent_of_its_batch():
+    """In training, batch norm normalises each image with its batch's statistics, so what the
+    network answers for an image depends on the images beside it (a click network's batches mix
+    guided and unguided ones); instance norm does not. Checked both ways, so the check can fail."""
+    from busi_monai.model.checkpoint import make_checkpoint, model_from_checkpoint
+    from busi_monai.model.networks import network_config
+    from busi_monai.training.recipes import get_recipe
+
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.rand(1, 4, 32, 32, generator=g) for _ in range(3))
+    c = c * 3 + 1  # a companion with other statistics
+    for spec, independent in (("fast+clicks+prev-dropout", False), ("fast+clicks+prev-dropout+instancenorm", True)):
+        torch.manual_seed(0)
+        net = build_network(network_config(spec)).train()
+        with torch.no_grad():
+            with_b, with_c = net(torch.cat((a, b)))[0], net(torch.cat((a, c)))[0]
+        assert torch.allclose(with_b, with_c, atol=1e-5) == independent, spec
+    cfg = network_config("fast+clicks+prev+instancenorm")
+    assert cfg.norm == "instance" and network_config("fast").norm == "batch"
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    # The choice travels with the checkpoint.
+    recipe = get_recipe("interactive").with_overrides(network="fast+clicks+prev+instancenorm", image_size=32)
+    back = model_from_checkpoint(make_checkpoint(net, recipe, "interactive"))
+    assert back.config.norm == "instance" and not any(isinstance(m, torch.nn.BatchNorm2d) for m in back.modules())
+    with pytest.raises(ValueError, match="unknown norm 'layer'"):
+        build_network(network_config("fast").__class__(norm="layer"))

@@ -36,6 +36,10 @@ class NetworkConfig:
     # At inference, an image whose highest lesion probability is below confidence_gate gets an
     # empty mask (0: off). The threshold still draws the outline; this decides whether there is one.
     confidence_gate: float = 0.0
+    # "batch": MONAI's blocks as they are (batch norm). "instance": nnU-Net's instance norm, per
+    # image, so that a click network's batches (a changing mix of no clicks, clicks, corrective
+    # rounds, zoomed crops) do not move the statistics the automatic outline is drawn with.
+    norm: str = "batch"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,12 +66,28 @@ NETWORKS: dict[str, NetworkConfig] = {
 }
 
 
+NORMS = ("batch", "instance")
+
+
+def _batch_to_instance_norm(module: nn.Module) -> None:
+    """Each BatchNorm2d of MONAI's blocks (which hardcode it) as an affine InstanceNorm2d; an
+    attention gate's one-channel norm before its sigmoid as nothing, since normalising one map
+    per image would force half of every image's attention open."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, nn.InstanceNorm2d(child.num_features, affine=True) if child.num_features > 1 else nn.Identity())
+        else:
+            _batch_to_instance_norm(child)
+
+
 class PaperAttentionUNet(nn.Module):
     def __init__(self, config: NetworkConfig = NetworkConfig()):
         super().__init__()
         c = config
         if not (len(c.encoder_channels) == len(c.encoder_dropout) == len(c.decoder_channels) == len(c.decoder_dropout)):
             raise ValueError("encoder and decoder need the same depth, with one dropout rate per level")
+        if c.norm not in NORMS:
+            raise ValueError(f"unknown norm {c.norm!r}; choose one of {', '.join(NORMS)}")
         self.config = c
         self.encoders = nn.ModuleList()
         prev = c.in_channels
@@ -89,6 +109,8 @@ class PaperAttentionUNet(nn.Module):
             self.aux_heads = nn.ModuleList(
                 Convolution(2, ch, c.out_channels, kernel_size=1, conv_only=True) for ch in c.decoder_channels[1:3]
             )
+        if c.norm == "instance":
+            _batch_to_instance_norm(self)
 
     def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The ungated lesion logit and the deep-supervision logits (training only).
@@ -145,6 +167,8 @@ NETWORK_OPTIONS = {
     # "-dropout": no dropout, a network whose training steps are deterministic (runs over
     # several workers are compared step by step with one process on it: their draws differ)
     "dropout": lambda cfg, on: cfg if on else _without_dropout(cfg),
+    # instance norm instead of batch norm (NetworkConfig.norm)
+    "instancenorm": lambda cfg, on: replace(cfg, norm="instance" if on else "batch"),
 }
 
 # The guidance options of the click model the app serves and `interactive` trains.
