@@ -182,11 +182,12 @@ class AppSettings:
 
     @property
     def model_path(self) -> str:
-        return os.path.join(self.model_dir, MODEL_FILENAME)
+        """The automatic network's published weights (what Run serves)."""
+        return self.automatic_model.model_path
 
     @property
     def stats_path(self) -> str:
-        return os.path.join(self.model_dir, STATS_FILENAME)
+        return self.automatic_model.stats_path
 
     def resolved_device(self) -> torch.device:
         from busi_monai.device import resolve_device
