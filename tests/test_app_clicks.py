@@ -20,6 +20,9 @@ itk = pytest.importorskip("itk")
 pytest.importorskip("monailabel")
 
 CLICKS = "attention_unet_clicks"
+# The hand-made stand-ins below pass values through batch norm set to the identity (eval mode,
+# unit statistics); instance norm would normalise them away. Any click network suits the app.
+STAND_IN = "fast+clicks+prev"
 IMAGE_ID = "wide_scan"
 OTHER_ID = "other_scan"
 
@@ -45,7 +48,7 @@ def served(tmp_path_factory):
     Image.fromarray((np.random.default_rng(0).random((90, 160)) * 255).astype(np.uint8)).save(image)
     Image.fromarray((np.random.default_rng(1).random((90, 160)) * 255).astype(np.uint8)).save(studies / f"{OTHER_ID}.png")
     torch.manual_seed(0)
-    recipe = get_recipe("interactive").with_overrides(image_size=64)
+    recipe = get_recipe("interactive").with_overrides(image_size=64, network=STAND_IN)
     net = build_network(recipe.network).eval()
     # Centre the untrained logits on 0 for this image and these clicks, so that about half the
     # pixels are lesion: a mask that is neither empty nor full, and that moves with the clicks.
@@ -174,11 +177,13 @@ def test_a_clinicians_loop_outline_clicks_submit_train(served):
         assert params["model_version"] == after["click_model_version"] and params["automatic_model_version"] == after["model_version"]
         assert params["image_size"] == 32 and params["previous"] == "automatic"
         assert _mask(result).shape == (90, 160)
-        # The automatic network is the paper's; the click network adds the click maps and the previous outline.
+        # The automatic network is the paper's; the click network adds the click maps, the previous
+        # outline and instance norm.
         automatic = load_checkpoint(root / "model" / MODEL_FILENAME)
         assert automatic["recipe"]["network"] == "paper" and automatic["network"]["in_channels"] == 1
         trained = load_checkpoint(root / "model" / "clicks" / MODEL_FILENAME)
-        assert trained["recipe"]["network"] == "paper+clicks+prev" and trained["network"]["in_channels"] == 4
+        assert trained["recipe"]["network"] == "paper+clicks+prev+instancenorm" and trained["network"]["in_channels"] == 4
+        assert trained["network"]["norm"] == "instance" and automatic["network"]["norm"] == "batch"
     finally:  # the other tests compare against the crafted weights, served for both tools
         publish_model(root / "crafted.pt", root / "model")
         shutil.rmtree(root / "model" / "clicks", ignore_errors=True)
@@ -221,7 +226,7 @@ def test_the_clicked_pixel_is_inside_the_returned_mask(served):
     from busi_monai.training.recipes import get_recipe
 
     client, _, _, root, _ = served
-    recipe = get_recipe("interactive").with_overrides(image_size=64)
+    recipe = get_recipe("interactive").with_overrides(image_size=64, network=STAND_IN)
     atomic_torch_save(make_checkpoint(_click_follower(recipe), recipe, "interactive"), root / "follower.pt")
     publish_model(root / "follower.pt", root / "model")
     try:
@@ -255,7 +260,7 @@ def test_the_click_network_corrects_the_automatic_networks_outline(served):
     _, image, _, root, _ = served
     client = _client(served, "two-networks")
     auto_recipe = get_recipe("fast").with_overrides(image_size=64)
-    click_recipe = get_recipe("interactive").with_overrides(image_size=64)
+    click_recipe = get_recipe("interactive").with_overrides(image_size=64, network=STAND_IN)
     _publish(root, _click_follower(auto_recipe, channels=(0,), bias=-40 * 0.3), auto_recipe, "bright")
     atomic_torch_save(make_checkpoint(_click_follower(click_recipe, channels=(1, 3)), click_recipe, "interactive"), root / "corrector.pt")
     publish_model(root / "corrector.pt", root / "model" / "clicks")
@@ -323,7 +328,7 @@ def test_slicers_roi_box_gives_an_outline_inside_it(served):
 
     _, _, _, root, _ = served
     client = _client(served, "roi")
-    _publish(root, _all_lesion(get_recipe("interactive").with_overrides(image_size=64)), get_recipe("interactive").with_overrides(image_size=64), "all_lesion")
+    _publish(root, _all_lesion(get_recipe("interactive").with_overrides(image_size=64, network=STAND_IN)), get_recipe("interactive").with_overrides(image_size=64, network=STAND_IN), "all_lesion")
     try:
         inside = box_mask((10, 100, 40, 150), (90, 160))  # rows 10..40, columns 100..150
         for roi in ([100, 150, 10, 40, 0, 0], [150, 100, 40, 10, 0, 0], [100, 150, 10, 40]):

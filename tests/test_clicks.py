@@ -280,7 +280,8 @@ def test_a_model_from_before_the_click_channels_starts_a_click_network_that_answ
     old = _click_checkpoint(preset="fast")  # one input channel
     atomic_torch_save(old, tmp_path / "old.pt")
     data = CachedData(torch.rand(4, 1, SIZE, SIZE), torch.zeros(4, 1, SIZE, SIZE), [{"id": str(i)} for i in range(4)])
-    recipe = get_recipe("interactive").with_overrides(image_size=SIZE)
+    # Batch norm both sides (the interactive preset's instance norm has no running statistics to carry over).
+    recipe = get_recipe("interactive").with_overrides(image_size=SIZE, network="fast+clicks+prev")
     t = Trainer(data, data.subset([]), tmp_path / "run", "interactive", recipe, RunSettings(device="cpu", progress=False, amp=False, init_checkpoint=tmp_path / "old.pt"))
     t.restore()
     x = torch.rand(2, 1, SIZE, SIZE)

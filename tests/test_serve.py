@@ -114,7 +114,7 @@ def test_serve_builds_studies_trains_a_warmup_model_and_serves_it(served):
     assert clicks["type"] == "deepgrow" and clicks["dimension"] == 2
     assert warm["recipe"]["network"] == "fast" and warm["network"]["in_channels"] == 1
     warm_clicks = load_checkpoint(model_dir / "clicks" / "runs" / "warmup" / "model.pt")
-    assert warm_clicks["recipe"]["network"] == "fast+clicks+prev" and warm_clicks["network"]["in_channels"] == 4
+    assert warm_clicks["recipe"]["network"] == "fast+clicks+prev+instancenorm" and warm_clicks["network"]["in_channels"] == 4
     assert got["busi"]["click_model_file"] == f"clicks/{MODEL_FILENAME}" and got["busi"]["click_model_version"] != got["busi"]["model_version"]
 
 
@@ -203,7 +203,7 @@ def test_the_warm_up_model_takes_clicks_boxes_and_the_previous_outline(sample_di
     automatic = load_checkpoint(tmp_path / "model" / MODEL_FILENAME)
     assert automatic["network"]["in_channels"] == 1 and automatic["recipe"]["network"] == "fast"
     ck = load_checkpoint(tmp_path / "model" / "clicks" / MODEL_FILENAME)
-    assert ck["network"]["in_channels"] == 4 and ck["recipe"]["network"] == "fast+clicks+prev"
+    assert ck["network"]["in_channels"] == 4 and ck["recipe"]["network"] == "fast+clicks+prev+instancenorm"
     p = Predictor(ck, device="cpu")
     assert p.takes_clicks and p.takes_previous
     img = np.random.default_rng(0).random((40, 60)).astype(np.float32)
@@ -253,7 +253,7 @@ def test_the_default_server_offers_the_click_model_beside_the_automatic_one(tmp_
     assert list(trainers) == [MODEL, CLICKS]
     automatic, click = (trainers[n].model for n in (MODEL, CLICKS))
     assert automatic.recipe.network == preset.network and automatic.model_path == str(Path(conf["model_dir"]) / MODEL_FILENAME)
-    assert click.recipe.network == with_click_guidance(preset.network) == f"{preset.network}+clicks+prev"
+    assert click.recipe.network == with_click_guidance(preset.network) == f"{preset.network}+clicks+prev+instancenorm"
     assert click.model_path == str(Path(conf["model_dir"]) / "clicks" / MODEL_FILENAME)
     # The preset's hyperparameters stay; click simulation sits beside them.
     for trains in (automatic.recipe, click.recipe):
@@ -266,7 +266,7 @@ def test_the_default_server_offers_the_click_model_beside_the_automatic_one(tmp_
     shared = AttentionUNet()
     shared.init(MODEL, conf["model_dir"], {**conf, "automatic": "shared"}, None, app_dir=str(APP_DIR))
     assert list(shared.trainer()) == [MODEL] and CLICKS in shared.infer()
-    assert shared.settings.recipe.network == f"{preset.network}+clicks+prev"
+    assert shared.settings.recipe.network == f"{preset.network}+clicks+prev+instancenorm"
     with pytest.raises(ValueError, match="--conf automatic 'both'"):
         AttentionUNet().init(MODEL, conf["model_dir"], {**conf, "automatic": "both"}, None, app_dir=str(APP_DIR))
     rc, _ = _dry_run_conf(capsys, [*base, "--conf", "automatic", "both"])

@@ -120,10 +120,12 @@ PRESETS: dict[str, Recipe] = {
     # outline as a fourth. A share of each batch trains without clicks, so one network is both
     # the automatic and the click model; the rest gets a first click (on its own automatic
     # outline, or inside the truth) and up to `click_rounds` corrective clicks from its own
-    # errors; half the lesion images are zoomed crops. On a GPU at full size:
-    # --set network=paper+clicks+prev --image-size 256.
+    # errors; half the lesion images are zoomed crops. Instance norm instead of batch norm: the
+    # batches mix unguided, clicked and zoomed images, and batch norm's statistics followed the
+    # mix (docs/interactive.md). On a GPU at full size:
+    # --set network=paper+clicks+prev+instancenorm --image-size 256.
     "interactive": Recipe(
-        network="fast+clicks+prev",
+        network="fast+clicks+prev+instancenorm",
         image_size=128,
         lr_schedule="cosine",
         loss="dice_bce",
