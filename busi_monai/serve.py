@@ -57,8 +57,7 @@ def app_networks(network: str, clicks: bool = True, automatic: str = "separate")
     click network is both; without ``clicks``, ``network`` alone."""
     from busi_monai.model.networks import with_click_guidance, without_click_guidance
 
-    if automatic not in AUTOMATIC_CHOICES:
-        raise ValueError(f"--conf automatic {automatic!r}: choose one of {', '.join(AUTOMATIC_CHOICES)}")
+    conf_automatic({"automatic": automatic})
     if not clicks:
         return {AUTOMATIC_NAME: (network, "")}
     if automatic == "shared":
@@ -154,6 +153,15 @@ def conf_flag(conf: dict, key: str, default: bool) -> bool:
     raise ValueError(f"--conf {key} {v!r}: expected true or false")
 
 
+def conf_automatic(conf: dict) -> str:
+    """The ``--conf automatic`` option (default "separate"), as the app and ``serve`` both read
+    it; ValueError naming it for anything but one of :data:`AUTOMATIC_CHOICES`."""
+    automatic = str(conf.get("automatic") or "separate")
+    if automatic not in AUTOMATIC_CHOICES:
+        raise ValueError(f"--conf automatic {automatic!r}: choose one of {', '.join(AUTOMATIC_CHOICES)}")
+    return automatic
+
+
 def _parse(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m busi_monai.serve",
@@ -193,8 +201,7 @@ def main(argv=None) -> int:
         # The app serves a click network unless told `--conf clicks false` (then: the preset's),
         # beside an automatic network unless told `--conf automatic shared`.
         clicks = conf_flag(conf, "clicks", True)
-        automatic = str(conf.get("automatic") or "separate")
-        app_networks("fast", clicks, automatic)
+        automatic = conf_automatic(conf)
     except ValueError as e:
         print(f"busi-monai serve: {e}", file=sys.stderr)
         return 2

@@ -28,12 +28,12 @@ from busi_monai.data.io import DEFAULT_MAX_PIXELS
 from busi_monai.inference.outlines import DEFAULT_CAPACITY, OutlineCache
 from busi_monai.inference.served import ClickModels, ServedModel
 from busi_monai.serve import (
-    AUTOMATIC_CHOICES,
     AUTOMATIC_NAME,
     CLICKS_NAME,
     MODEL_FILENAME,
     STATS_FILENAME,
     app_networks,
+    conf_automatic,
     conf_flag,
     default_model_dir,
 )
@@ -123,9 +123,7 @@ class AppSettings:
         outline_cache = _conf_int(conf, "outline_cache", DEFAULT_CAPACITY)
         if outline_cache < 0:
             raise ValueError(f"--conf outline_cache {outline_cache}: must be 0 (remember nothing) or more")
-        automatic = str(conf.get("automatic") or "separate")
-        if automatic not in AUTOMATIC_CHOICES:
-            raise ValueError(f"--conf automatic {automatic!r}: choose one of {', '.join(AUTOMATIC_CHOICES)}")
+        automatic = conf_automatic(conf)
         max_pixels = _conf_int(conf, "max_image_pixels", DEFAULT_MAX_PIXELS)
         if max_pixels < 64:
             raise ValueError(f"--conf max_image_pixels {max_pixels}: must be at least 64 (8x8 pixels)")
