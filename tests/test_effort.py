@@ -122,6 +122,8 @@ def test_al_simulate_with_the_clicks_annotator_writes_clicks_against_dice(synthe
         for p in run["curve"][1:]:
             assert p["cumulative_clicks"] - p["clicks"] in cum and len(p["picked_costs"]) == 4
             assert 0 <= p["redrawn"] <= 4 and 0.0 <= p["click_dice_1"] <= 1.0 and 0.0 <= p["click_dice_3"] <= 1.0
+            assert sum(p["picked_redrawn"]) == p["redrawn"] and len(p["picked_lesion"]) == 4
+            assert sum(not les for les in p["picked_lesion"]) == p["picked_normal"]
     in_order = next(r for r in res["runs"] if r["strategy"] == "in_order")
     ids = [i for p in in_order["curve"][1:] for i in p["picked_ids"]]
     assert len(ids) == len(set(ids)) == 8
@@ -131,6 +133,11 @@ def test_al_simulate_with_the_clicks_annotator_writes_clicks_against_dice(synthe
         assert len(s["strategies"][name]["cumulative_clicks_mean"]) == 3
         assert "clicks_to_label_pool" in s["strategies"][name] and "clicks_to_target" in s["strategies"][name]
     assert "paired_clicks_to_label_pool_vs_random" in s["strategies"]["in_order"]
+    # Where the clicks went adds up to the clicks spent labelling the pool.
+    where = s["strategies"]["random"]["where_clicks_go"]
+    parts = ("initial_by_hand", "accepted_clicks", "redrawn_clicks", "normal_clicks")
+    assert sum(where[k] for k in parts) == where["total"] == s["strategies"]["random"]["cumulative_clicks_mean"][-1]
+    assert where["accepted_images"] + where["redrawn_images"] + where["normal_images"] == 8
     for png in ("curves.png", "effort.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -190,6 +197,22 @@ def _effort_result():
     ]  # fmt: skip
     full = [{"seed": 0, "labels": 10, "dice": 0.8, "normal_fp": 0.0}, {"seed": 1, "labels": 10, "dice": 0.6, "normal_fp": 0.0}]
     return {"config": {"annotator": "clicks", "pool_size": 10, "hand_outline_clicks": 400}, "full": full, "runs": runs}
+
+
+def test_where_the_clicks_go_has_hand_computed_answers():
+    from busi_monai.active.simulation import clicks_breakdown
+
+    rounds = [
+        {"picked_costs": [0, 7, 31], "picked_lesion": [True, True, True], "picked_redrawn": [False, False, True]},
+        {"picked_costs": [0, 3, 21, 12], "picked_lesion": [False, False, False, True], "picked_redrawn": [False, False, True, False]},
+    ]  # fmt: skip
+    run = {"curve": [{"cumulative_clicks": 50}, *rounds]}
+    assert clicks_breakdown(run) == {
+        "initial_by_hand": 50.0, "accepted_images": 3, "accepted_without_clicks": 1, "accepted_clicks": 19.0,
+        "redrawn_images": 1, "redrawn_clicks": 31.0, "normal_images": 3, "normal_erased": 2, "normal_clicks": 24.0, "total": 124.0,
+    }  # fmt: skip
+    # Runs written before the per-image flags: no breakdown rather than a wrong one.
+    assert clicks_breakdown({"curve": [{"cumulative_clicks": 50}, {"picked_costs": [1]}]}) is None
 
 
 def test_summarize_effort_has_hand_computed_answers_on_two_seeds():

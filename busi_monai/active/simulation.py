@@ -294,6 +294,8 @@ class Replay:
             "redrawn": int(sum(c["redrawn"] for c in costs)),
             "normal_clicks": int(sum(c["cost"] for c in costs if not c["lesion"])),
             "picked_costs": [c["cost"] for c in costs],
+            "picked_lesion": [c["lesion"] for c in costs],
+            "picked_redrawn": [c["redrawn"] for c in costs],
             "cost_s": round(time.time() - t, 1),
         }
 
@@ -394,11 +396,33 @@ def _clicks_to_target(full: list[dict], target: float | None) -> Callable[[dict]
     return measure
 
 
+def clicks_breakdown(run: dict) -> dict | None:
+    """Where one clicks-annotator run's clicks went: the initial set outlined by hand; lesion
+    images accepted after clicks (how many, how many with none, their clicks); lesion images
+    redrawn by hand (how many, their clicks and outlines); normal images (how many, how many
+    needed erasing, their clicks). None for runs written without per-image flags."""
+    rounds = run["curve"][1:]
+    if any("picked_lesion" not in p or "picked_redrawn" not in p for p in rounds):
+        return None
+    picked = [(c, bool(les), bool(red)) for p in rounds for c, les, red in zip(p["picked_costs"], p["picked_lesion"], p["picked_redrawn"])]
+    accepted = [c for c, les, red in picked if les and not red]
+    redrawn = [c for c, les, red in picked if les and red]
+    normal = [c for c, les, _ in picked if not les]
+    return {
+        "initial_by_hand": float(run["curve"][0]["cumulative_clicks"]),
+        "accepted_images": len(accepted), "accepted_without_clicks": sum(c == 0 for c in accepted), "accepted_clicks": float(sum(accepted)),
+        "redrawn_images": len(redrawn), "redrawn_clicks": float(sum(redrawn)),
+        "normal_images": len(normal), "normal_erased": sum(c > 0 for c in normal), "normal_clicks": float(sum(normal)),
+        "total": float(run["curve"][0]["cumulative_clicks"] + sum(c for c, _, _ in picked)),
+    }  # fmt: skip
+
+
 def summarize_effort(result: dict, summary: dict) -> None:
     """Add the clicks annotator's figures to ``summary`` (from :func:`summarize`), per strategy:
     clicks to label the pool and to reach 95% of the all-labels Dice (mean over seeds, each
     seed against its own all-labels model; and on the mean curve), their paired differences
-    from random, images redrawn by hand, and the click model's test Dice."""
+    from random, images redrawn by hand, the click model's test Dice, and (runs with per-image
+    flags) where the clicks went, as a mean per seed (:func:`clicks_breakdown`)."""
     cfg, runs, full = result["config"], result["runs"], result["full"]
     summary["hand_outline_clicks"] = cfg.get("hand_outline_clicks")
     to_pool, to_target = _pool_clicks(cfg["pool_size"]), _clicks_to_target(full, summary.get("target_dice"))
@@ -417,6 +441,9 @@ def summarize_effort(result: dict, summary: dict) -> None:
             s[key] = float(np.mean(per_seed)) if per_seed and None not in per_seed else None
             if strategy != "random":
                 s[f"paired_{key}_vs_random"] = paired_difference(runs, strategy, measure=measure)
+        where = [clicks_breakdown(r) for r in mine]
+        if where and None not in where:
+            s["where_clicks_go"] = {k: float(np.mean([w[k] for w in where])) for k in where[0]}
         if summary.get("target_dice") is not None:
             s["clicks_to_target_mean_curve"] = labels_to_reach(s["cumulative_clicks_mean"], s["dice_mean"], summary["target_dice"])
 
