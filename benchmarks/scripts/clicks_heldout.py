@@ -1,7 +1,7 @@
 """Score click models on cross-validation's held-out folds, where the click recipe is chosen.
 
     python benchmarks/scripts/clicks_heldout.py --data data/busi --cv runs/cv-interactive \\
-        --fold 0 --out benchmarks/clicks/heldout-fold0.json [--clicks 20] [--box-jitter 10]
+        --fold 0 --out benchmarks/clicks/heldout-fold0.json [--clicks 20] [--box-jitter 10] [--tta on]
 
 For the fold's model (``CV/fold{F}/model.pt``, trained by ``busi-monai cv --only-folds F``) on
 its held-out images (the same grouped, stratified folds as ``cv``), at each image's own size:
@@ -66,9 +66,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-box", action="store_true", help="skip the box runs (they do not depend on --automatic)")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tta", choices=("auto", "on", "off"), default="auto", help="the click model's test-time flips (auto: as its recipe says)")
     a = p.parse_args(argv)
     model = Path(a.cv) / f"fold{a.fold}" / "model.pt"
-    predictor = Predictor(model, device=a.device)
+    predictor = Predictor(model, device=a.device, tta=None if a.tta == "auto" else a.tta == "on")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
         "automatic_model": a.automatic,
         "fold": a.fold,
         "recipe": predictor.checkpoints[0].get("recipe"),
+        "tta": predictor.tta,
         "images": clicks["n_images"],
         "automatic": {
             "lesion_dice": clicks["lesion"]["dice"], "lesion_missed": clicks["lesion_missed"],
