@@ -94,7 +94,17 @@ def test_honour_cuts_under_a_background_click_as_little_as_needed():
     out = honour_clicks(m, background=[(45, 65)])
     assert out[40:50, 60:75].sum() == 0 and out[10:30, 10:30].all(), "an island nothing claims goes whole"
     out = honour_clicks(m, background=[(45, 65)], previous=m, radius=2)
-    assert out[45, 65] == 0 and out[40:50, 60:75].sum() == 150 - 13, "part of the previous outline: a disc of radius 2"
+    assert out[40:50, 60:75].sum() == 0 and out[10:30, 10:30].all(), "the previous outline claims nothing: the clicked component goes"
+    out = honour_clicks(m, foreground=[(42, 62)], background=[(45, 65)], previous=m, radius=2)
+    assert out[45, 65] == 0 and out[40:50, 60:75].sum() == 150 - 13, "a foreground click claims its component: a disc of radius 2"
+    grown = m.copy()
+    grown[5:8, 50:70] = 1  # C: drawn by the network after the click, nowhere in the previous outline
+    grown[30:35, 10:30] = 1  # A grown downwards
+    out = honour_clicks(grown, background=[(45, 65)], previous=m)
+    assert not (out.astype(bool) & ~m.astype(bool)).any(), "background clicks only: nothing outside the previous outline"
+    assert out[10:30, 10:30].all() and out[40:50, 60:75].sum() == 0
+    out = honour_clicks(grown, foreground=[(20, 20)], background=[(45, 65)], previous=m)
+    assert out[32, 20] == 1, "with a foreground click the outline may grow"
     out = honour_clicks(m, foreground=[(20, 20)], background=[(20, 20)])
     assert out[20, 20] == 1, "a pixel clicked both ways keeps its foreground click"
     assert honour_clicks(m, background=[(45, 65)], boxed=True)[40:50, 60:75].sum() > 100, "in a box: a disc, not the component"

@@ -6,11 +6,14 @@ must never see the outline refuse the point they just placed. So, after the netw
 
 1. with any foreground click, only the components that hold a foreground click or overlap the
    previous outline are kept (the clicked lesion, not an unrelated island);
-2. a foreground click outside the outline adds a disc around it (the region the network
+2. with background clicks only (no foreground click, no box), the outline stays within the
+   previous one: "not here" takes away, it never draws somewhere new;
+3. a foreground click outside the outline adds a disc around it (the region the network
    ignored), joined to the outline where it touches;
-3. a background click on the outline cuts a disc around the click; it cuts the click's whole
-   component only where nothing says that component is a lesion (no foreground click in it,
-   no overlap with the previous outline, no box): an island the network invented.
+4. a background click on the outline cuts a disc around the click where the user said the
+   component is a lesion (a foreground click in it, or a box); elsewhere it cuts the click's
+   whole component. Were the previous outline a claim too, a false outline on a normal scan
+   would shrink a little with each click instead of going (docs/interactive.md).
 
 A pixel clicked both ways keeps its foreground click (the disc cut skips foreground clicks).
 """
@@ -49,7 +52,8 @@ def honour_clicks(
         foreground: (row, col) foreground clicks on the mask's grid.
         background: (row, col) background clicks.
         radius: pixels of the disc added or cut around an ignored click.
-        previous: the outline before these clicks; its components stay (step 1).
+        previous: the outline before these clicks: its components stay with a foreground
+            click (step 1), and bound the outline with background clicks only (step 2).
         boxed: the user drew a box: what lies in it is a lesion until clicked otherwise.
 
     Returns:
@@ -59,11 +63,14 @@ def honour_clicks(
     shape = out.shape
     fg = [_pixel(p, shape) for p in foreground]
     bg = [_pixel(p, shape) for p in background]
+    had = previous is not None and bool(np.any(previous))
+    if bg and not fg and not boxed and had:
+        out &= np.asarray(previous).astype(bool)
     if fg:
         labels, n = ndimage.label(out, structure=_EIGHT)
         if n:
             keep = {labels[p] for p in fg} - {0}
-            if previous is not None and np.any(previous):
+            if had:
                 keep |= set(np.unique(labels[np.asarray(previous).astype(bool)])) - {0}
             out = np.isin(labels, sorted(keep))
         for r, c in fg:
@@ -72,8 +79,6 @@ def honour_clicks(
     if bg:
         labels, _ = ndimage.label(out, structure=_EIGHT)
         claimed = {labels[p] for p in fg}
-        if previous is not None and np.any(previous):
-            claimed |= set(np.unique(labels[np.asarray(previous).astype(bool)]))
         for r, c in bg:
             lab = labels[r, c]
             if lab == 0 or not out[r, c]:
