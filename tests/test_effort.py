@@ -141,6 +141,20 @@ def test_al_simulate_with_the_clicks_annotator_writes_clicks_against_dice(synthe
     for png in ("curves.png", "effort.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # Re-costing the run from the models it saved gives its clicks back (round r's picks with
+    # round r - 1's model): wipe them first, so that only a real re-costing restores them.
+    wiped = json.loads((out / "curves.json").read_text())
+    for run in wiped["runs"]:
+        for p in run["curve"][1:]:
+            p.update(clicks=0, cumulative_clicks=0, picked_costs=[0] * len(p["picked_costs"]))
+    (out / "curves.json").write_text(json.dumps(wiped))
+    assert main(["al-recost", str(out), "--out", str(tmp_path / "recost")]) == 0
+    again = json.loads((tmp_path / "recost" / "curves.json").read_text())
+    assert again["recosted_from"] == str(out) and (tmp_path / "recost" / "effort.png").is_file()
+    for before, after in zip(res["runs"], again["runs"]):
+        for p, q in zip(before["curve"], after["curve"]):
+            assert (q["labels"], q["cumulative_clicks"], q.get("picked_costs")) == (p["labels"], p["cumulative_clicks"], p.get("picked_costs"))
+
 
 def test_the_clicks_annotator_needs_a_click_network(synthetic_prepared, tmp_path):
     from busi_monai.active.simulation import SimulationSettings

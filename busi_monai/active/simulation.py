@@ -215,6 +215,10 @@ class Replay:
         for seed in self.settings.seeds:
             self._seed(seed)
         self.bar.close()
+        return self.finish()
+
+    def finish(self) -> dict:
+        """Write the result (``curves.json``) and its pictures."""
         self._save()
         plot_curves(self.result, self.out / "curves.png")
         if self.settings.clicks:
@@ -269,7 +273,7 @@ class Replay:
         picked = [unlabelled[i] for i in sel.indices]
         picked_items = [pool.items[i] for i in picked]
         dups = _near_duplicates(picked_items, [pool.items[i] for i in labelled])
-        cost = self._label_costs(predictor, picked, last) if st.clicks else {}
+        cost = self.label_costs(predictor, picked, last) if st.clicks else {}
         labelled += picked
         ckpt, scores, secs = self._train(labelled, st.epochs_per_round, seed_dir / strategy / f"round{r}", ckpt, seed * 1000 + r, st.round_learning_rate)
         point = {
@@ -281,7 +285,7 @@ class Replay:
         }
         return point, ckpt
 
-    def _label_costs(self, predictor, picked: list[int], last: dict) -> dict:
+    def label_costs(self, predictor, picked: list[int], last: dict) -> dict:
         """What the clinician spends labelling ``picked`` with the model they are shown."""
         t = time.time()
         predict = predictor.as_click_model()
@@ -323,6 +327,56 @@ class Replay:
         self.result["summary"] = summarize(self.result)
         self.result["wall_time_s"] = round(time.time() - self.t_start, 1)
         write_json(self.result, self.out / "curves.json")
+
+
+def recost(run: str | Path, out: str | Path, data: str | Path | None = None, device: str = "cpu", progress: bool = True) -> dict:
+    """The labels of an ``al-simulate --annotator clicks`` run costed again with the current
+    click model code (e.g. new rules for honouring clicks), from the models the run saved:
+    round r's picks with round r - 1's model, as the run costed them. Picks and training never
+    depend on the costs, so the curves are the run's and only the clicks change. Writes
+    ``out/curves.json`` (with ``recosted_from``), ``curves.png`` and ``effort.png``.
+
+    Args:
+        run: the run's folder (its ``curves.json`` and ``seed*/`` models; not a merge).
+        out: where to write.
+        data: the prepared dataset (default: the one the run names).
+        device: where the click model runs.
+    """
+    run = Path(run)
+    res = json.loads((run / "curves.json").read_text())
+    cfg = res["config"]
+    if cfg.get("annotator") != CLICKS_ANNOTATOR:
+        raise ValueError(f"{run}: not a clicks-annotator run; nothing to re-cost")
+    if "merged_from" in res:
+        raise ValueError(f"{run}: a merge; re-cost each run's own folder, then merge")
+    settings = SimulationSettings(
+        strategies=tuple(cfg["strategies"]), initial=cfg["initial"], step=cfg["step"], rounds=cfg["rounds"], preset=cfg["preset"],
+        seeds=tuple(cfg["seeds"]), image_size=cfg["image_size"], overrides=dict(cfg.get("overrides") or {}), device=device,
+        with_full=False, annotator=CLICKS_ANNOTATOR, max_clicks=cfg["max_clicks"], click_target=cfg["click_target"],
+    )  # fmt: skip
+    replay = Replay(data or cfg["data"], out, settings, progress=False)
+    index = {it.get("id"): i for i, it in enumerate(replay.pool.items)}
+    rounds = sum(len(r["curve"]) - 1 for r in res["runs"])
+    with tqdm(total=rounds, desc="al-recost", unit="round", disable=not progress) as bar:
+        for r in res["runs"]:
+            seed_dir = run / f"seed{r['seed']}"
+            ckpt = seed_dir / "round0" / "last.pt"
+            for k in range(1, len(r["curve"])):
+                point = r["curve"][k]
+                missing = [i for i in point["picked_ids"] if i not in index]
+                if missing or not ckpt.is_file():
+                    raise ValueError(f"{run}: cannot re-cost seed {r['seed']} {r['strategy']} round {k}: " + (f"images {missing[:3]} not in the pool" if missing else f"no model {ckpt}"))
+                from busi_monai.inference.predictor import Predictor
+
+                predictor = Predictor(ckpt, device=device, tta=False, amp=False)
+                point.update(replay.label_costs(predictor, [index[i] for i in point["picked_ids"]], r["curve"][k - 1]))
+                ckpt = seed_dir / r["strategy"] / f"round{k}" / "last.pt"
+                bar.update()
+    res["recosted_from"] = str(run)
+    res["config"]["data"] = str(data or cfg["data"])
+    replay.result = res
+    replay.finish()
+    return res
 
 
 def _click_test_scores(checkpoint_path: Path, test, device: str, n_images: int) -> dict:
@@ -663,6 +717,18 @@ def register_cli(sub) -> None:
         print(f"wrote {Path(a.out) / 'curves.json'}, {Path(a.out) / 'curves.png'}{extra}")
 
     s.set_defaults(func=run)
+
+    rc = sub.add_parser("al-recost", help="cost an al-simulate --annotator clicks run's labels again with the current click model code")
+    rc.add_argument("run", help="the run's folder (curves.json and the seed*/ models it saved)")
+    rc.add_argument("--out", required=True)
+    rc.add_argument("--data", help="the prepared dataset (default: the one the run names)")
+    rc.add_argument("--device", default="cpu")
+
+    def run_recost(a):
+        res = recost(a.run, a.out, a.data, a.device)
+        print(dumps(res["summary"]))
+
+    rc.set_defaults(func=run_recost)
 
     m = sub.add_parser("al-merge", help="merge al-simulate results of one configuration (e.g. one seed per process)")
     m.add_argument("--out", required=True)
