@@ -8,7 +8,8 @@ its held-out images (the same grouped, stratified folds as ``cv``), at each imag
 the automatic outline (lesion Dice, normal false positives), the click protocol with up to
 ``--clicks`` clicks (Dice after 0..N, NoC@85/90, failed@90), the box alone (the truth's
 bounding box, each side moved by up to ``--box-jitter`` pixels) and the box followed by two
-clicks. Writes one JSON and the Dice-against-clicks picture beside it.
+clicks; without ``--automatic``, also the background clicks that empty the click model's own
+outline on each normal image (``normals``). Writes one JSON and the Dice-against-clicks picture beside it.
 """
 
 from __future__ import annotations
@@ -53,6 +54,27 @@ def refined_automatic(predictor: Predictor, data: Path) -> dict:
     return {"lesion_dice": s["lesion"]["dice"], "lesion_missed": s["lesion_missed"], "normal_false_positive_rate": s["normal_false_positive_rate"]}
 
 
+def clicks_to_empty(predictor: Predictor, data: Path, max_clicks: int) -> dict:
+    """On the held-out normal images: background clicks on the click model's own outline until
+    it is empty (at most ``max_clicks``), as ``al-simulate --annotator clicks`` costs them."""
+    import numpy as np
+
+    from busi_monai.active.effort import image_cost
+    from busi_monai.data.io import read_image
+    from busi_monai.evaluation.evaluate import truth_mask
+
+    predict, clicks, never = predictor.as_click_model(), [], 0
+    for it in split_items(data, "test"):
+        img = read_image(it["image"])
+        truth = truth_mask(it, img.shape) > 0
+        if truth.any():
+            continue
+        c = image_cost(predict, img, np.zeros(img.shape, bool), max_clicks, with_previous=predictor.takes_previous)
+        clicks.append(c["clicks"])
+        never += int(c["redrawn"])
+    return {"images": len(clicks), "clicks": int(sum(clicks)), "per_image": clicks, "never_emptied": never}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="prepared dataset (busi-monai prepare)")
@@ -79,6 +101,7 @@ def main(argv=None) -> int:
         clicks = evaluate(model, data, None, predictor=predictor, clicks=a.clicks, automatic=automatic)
         boxed = None if a.no_box else evaluate(model, data, None, predictor=predictor, clicks=2, box=True, box_jitter=a.box_jitter, seed=a.seed, progress=False)
         refined = refined_automatic(predictor, data) if predictor.zoom is not None and automatic is None else None
+        normals = None if automatic is not None else clicks_to_empty(predictor, data, a.clicks)
     c = {k: v for k, v in clicks["clicks"].items() if k != "per_image"}
     result = {
         "model": str(model),
@@ -92,6 +115,7 @@ def main(argv=None) -> int:
             "normal_false_positive_rate": clicks["normal_false_positive_rate"], "n_normal_images": clicks["n_normal_images"],
         },
         "automatic_zoomed_second_pass": refined,
+        "normals": normals,
         "clicks": c,
         "box": boxed["box"] if boxed else None,
         "box_then_clicks": boxed["clicks"]["dice_after"] if boxed else None,
