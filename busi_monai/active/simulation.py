@@ -333,8 +333,9 @@ def recost(run: str | Path, out: str | Path, data: str | Path | None = None, dev
     """The labels of an ``al-simulate --annotator clicks`` run costed again with the current
     click model code (e.g. new rules for honouring clicks), from the models the run saved:
     round r's picks with round r - 1's model, as the run costed them. Picks and training never
-    depend on the costs, so the curves are the run's and only the clicks change. Writes
-    ``out/curves.json`` (with ``recosted_from``), ``curves.png`` and ``effort.png``.
+    depend on the costs, so the curves are the run's and only the clicks change; the rounds'
+    test scores (``click_dice_*`` included) stay the run's. Writes ``out/curves.json`` (with
+    ``recosted_from``), ``curves.png`` and ``effort.png``.
 
     Args:
         run: the run's folder (its ``curves.json`` and ``seed*/`` models; not a merge).
