@@ -83,15 +83,25 @@ def main(argv=None) -> int:
         rng = np.random.default_rng(0)
         times: dict[str, list[float]] = {"run": [], "first_click": [], "next_click": [], "box": [], "box_and_click": [], "first_click_without_run": []}
 
+        # Each request, with the server's own split of its time (the app's "latencies": reading
+        # and checking, the networks, writing the result): where a slow round trip went.
+        requests_made: list[dict] = []
+
         def timed(kind, model, image_id, params, by=client):
             t = time.perf_counter()
             _, out = by.infer(model, image_id, {**params, "result_extension": ".nrrd"})
             if kind:
-                times[kind].append(1000 * (time.perf_counter() - t))
+                ms = 1000 * (time.perf_counter() - t)
+                times[kind].append(ms)
+                server = out.get("latencies") if isinstance(out, dict) else None
+                requests_made.append({"kind": kind, "rep": rep, "image": image_id, "ms": round(ms, 1),
+                                      "server_ms": {k: round(1000 * v, 1) for k, v in (server or {}).items() if isinstance(v, (int, float))}})  # fmt: skip
             return out
 
+        rep = -1
         timed(None, "attention_unet_clicks", ids[0][0], {"foreground": [[1, 1, 0]]})  # warm-up
         for r in range(a.reps):
+            rep = r
             image_id, (h, w) = ids[r % len(ids)]
             # As a clinician works an image: Run, then clicks that extend each other (the server
             # corrects its last outline), then a box with a click.
@@ -116,6 +126,8 @@ def main(argv=None) -> int:
             "click_mean_ms": statistics.mean(clicks), "click_median_ms": statistics.median(clicks), "click_max_ms": max(clicks),
             "last_previous": out.get("previous") if isinstance(out, dict) else None,
             "by_request": summary,
+            "slowest": sorted(requests_made, key=lambda q: -q["ms"])[:5],
+            "requests": requests_made,
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
         }  # fmt: skip
         write_json(res, a.out)
