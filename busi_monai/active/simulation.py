@@ -343,6 +343,8 @@ def recost(run: str | Path, out: str | Path, data: str | Path | None = None, dev
         data: the prepared dataset (default: the one the run names).
         device: where the click model runs.
     """
+    from busi_monai.inference.predictor import Predictor
+
     run = Path(run)
     res = json.loads((run / "curves.json").read_text())
     cfg = res["config"]
@@ -367,8 +369,6 @@ def recost(run: str | Path, out: str | Path, data: str | Path | None = None, dev
                 missing = [i for i in point["picked_ids"] if i not in index]
                 if missing or not ckpt.is_file():
                     raise ValueError(f"{run}: cannot re-cost seed {r['seed']} {r['strategy']} round {k}: " + (f"images {missing[:3]} not in the pool" if missing else f"no model {ckpt}"))
-                from busi_monai.inference.predictor import Predictor
-
                 predictor = Predictor(ckpt, device=device, tta=False, amp=False)
                 point.update(replay.label_costs(predictor, [index[i] for i in point["picked_ids"]], r["curve"][k - 1]))
                 ckpt = seed_dir / r["strategy"] / f"round{k}" / "last.pt"
