@@ -328,7 +328,8 @@ def test_slicers_roi_box_gives_an_outline_inside_it(served):
 
     _, _, _, root, _ = served
     client = _client(served, "roi")
-    _publish(root, _all_lesion(get_recipe("interactive").with_overrides(image_size=64, network=STAND_IN)), get_recipe("interactive").with_overrides(image_size=64, network=STAND_IN), "all_lesion")
+    recipe = get_recipe("interactive").with_overrides(image_size=64, network=STAND_IN)
+    _publish(root, _all_lesion(recipe), recipe, "all_lesion")
     try:
         inside = box_mask((10, 100, 40, 150), (90, 160))  # rows 10..40, columns 100..150
         for roi in ([100, 150, 10, 40, 0, 0], [150, 100, 40, 10, 0, 0], [100, 150, 10, 40]):

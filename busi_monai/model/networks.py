@@ -172,8 +172,7 @@ NETWORK_OPTIONS = {
 }
 
 # The guidance options of the click model the app serves and `interactive` trains, and its
-# per-image normalisation (held-out fold 0: clicks to Dice 0.90 from 4.57 to 2.98 with instance
-# norm; docs/interactive.md).
+# per-image normalisation (chosen on a held-out fold: docs/interactive.md).
 CLICK_OPTIONS = "+clicks+prev+instancenorm"
 
 
